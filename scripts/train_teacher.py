@@ -1,0 +1,69 @@
+"""Train the embedded digits teacher: a class-conditional v-prediction DDPM on 16x16 digits.
+
+    python scripts/train_teacher.py                      # writes samples/digits-teacher
+    python scripts/train_teacher.py train.max_steps=50   # key=value overrides of the config
+
+The network is a small UNet2DConditionModel (no cross-attention; one self-attention block at
+8x8) with 11 class embeddings, index 10 being the null class that label dropout trains, so
+classifier-free guidance works. squaredcos_cap_v2 with v-prediction keeps x0 well-posed at the
+top of the schedule (see METHODS.md, pitfall 9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stepdistill.config import load_config  # noqa: E402
+from stepdistill.pipelines import ClassConditionalPipeline  # noqa: E402
+from stepdistill.runner import run  # noqa: E402
+from stepdistill.training.data import DIGITS_CLASSES, DIGITS_SIZE  # noqa: E402
+
+
+def digits_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=DIGITS_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", num_class_embeds=DIGITS_CLASSES + 1)
+
+
+def initial_pipeline(seed: int) -> ClassConditionalPipeline:
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=True)
+    return ClassConditionalPipeline(unet=digits_unet(), scheduler=scheduler, null_class=DIGITS_CLASSES,
+                                    num_classes=DIGITS_CLASSES, default_steps=50)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "training_configs/digits/teacher.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "samples/digits-teacher"))
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir = Path(tmp) / "init"
+        cfg = load_config(args.config, [*args.overrides, f"teacher={init_dir}"])
+        initial_pipeline(cfg.seed).save_pretrained(init_dir)
+        student = run(cfg)
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(student, out)
+    shutil.copy(Path(cfg.output_dir) / "samples" / f"student-{cfg.export.steps[0]}step.png", out / "samples.png")
+    print(f"teacher written to {out}")
+
+
+if __name__ == "__main__":
+    main()

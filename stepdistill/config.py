@@ -1,0 +1,273 @@
+"""Typed run configs: YAML in, strictly validated dataclasses out.
+
+Every field carries its default (the paper's value where there is one) and a help
+text. Unknown keys, wrong types and out-of-range values stop at once with a message
+that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+def option(default: Any, help: str):
+    """A dataclass field with a default and a help text (lists and dicts are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def check_range(name: str, value, low=None, high=None, low_open=False):
+    """Raise a ConfigError naming `name` when `value` lies outside [low, high] (or (low, high])."""
+    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} = {value!r} is out of range; allowed: {bracket}{lo}, {hi}]")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "folder", "prompts", "none"] = option(
+        "digits", "digits: the embedded scikit-learn digits; folder: images with captions; "
+        "prompts: a text file of prompts (data-free); none: conditions only, no images")
+    path: str | None = option(None, "folder or prompt file for dataset=folder|prompts")
+    resolution: int | None = option(None, "image size for dataset=folder (defaults to the teacher's sample size)")
+    num_workers: int = option(0, "DataLoader worker processes")
+    cache_text_embeddings: bool = option(True, "encode each prompt once and keep the embeddings in memory")
+
+    def __post_init__(self):
+        check_range("data.num_workers", self.num_workers, 0)
+        if self.dataset in ("folder", "prompts") and not self.path:
+            raise ConfigError(f"data.dataset = {self.dataset!r} needs data.path (a folder or a prompt file)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(64, "examples per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(1e-4, "peak learning rate of every optimizer group")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = option(
+        "constant_with_warmup", "learning-rate schedule")
+    lr_warmup_steps: int = option(0, "linear warm-up steps")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm per group (null: no clipping)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast precision of the student's forward")
+    ema_decays: list[float] = option([], "EMA rates of the student kept during training, e.g. [0.999, 0.9999]")
+    ema_warmup: bool = option(False, "use min(decay, (1+n)/(10+n)) early in training, as diffusers' EMAModel")
+    export_weights: str = option("auto", "weights written at export: 'student', 'ema_<decay>', or auto (the slowest EMA if any)")
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept; older ones are deleted after a new one is whole")
+    resume: str = option("auto", "auto: latest checkpoint in output_dir if any; none; or a checkpoint directory")
+    log_every: int = option(10, "optimizer steps between tracker logs")
+    sample_every: int = option(0, "optimizer steps between PNG sample grids (0: only at the end)")
+    num_sample_images: int = option(16, "images in each sample grid")
+    report_to: Literal["tensorboard", "none"] = option("tensorboard", "tracker (used when installed)")
+    progress_bar: bool = option(True, "show a tqdm progress bar")
+
+    def __post_init__(self):
+        check_range("train.max_steps", self.max_steps, 1)
+        check_range("train.batch_size", self.batch_size, 1)
+        check_range("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_range("train.learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        for d in self.ema_decays:
+            check_range("train.ema_decays[]", d, 0, 1)
+
+
+@dataclass
+class ExportConfig:
+    steps: list[int] = option([1, 2, 4], "student step counts to sample and evaluate; the first sets the scheduler default")
+    lora_only: bool = option(False, "for LoRA students, write only the LoRA (load_lora_weights) and not the fused pipeline")
+
+    def __post_init__(self):
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise ConfigError(f"export.steps = {self.steps!r}: give a non-empty list of positive step counts")
+
+
+@dataclass
+class KernelsConfig:
+    attention: Literal["auto", "triton", "xformers", "sdpa"] = option(
+        "auto", "attention backend: Triton on CUDA for supported shapes, else xformers, else SDPA")
+    ema: Literal["auto", "fused", "foreach"] = option("auto", "EMA update: fused Triton kernel on CUDA, else torch._foreach_lerp_")
+
+
+@dataclass
+class EvalConfig:
+    every: int = option(0, "optimizer steps between FID evaluations logged to the trackers (0: never)")
+    num_samples: int = option(1000, "samples per FID evaluation")
+    steps: list[int] = option([], "student step counts evaluated during training (default: export.steps)")
+
+
+@dataclass
+class RunConfig:
+    method: str = option("cd", "distillation method, by registry name")
+    teacher: str = option("samples/digits-teacher", "teacher pipeline directory or hub id (safetensors only)")
+    output_dir: str = option("runs/default", "where checkpoints, samples, logs and the exported student go")
+    seed: int = option(0, "seed of data order, noise and initialisation")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: Any = None  # the method's own config dataclass, resolved from `method`
+    export: ExportConfig = field(default_factory=ExportConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, where: str):
+    """Check `value` against the annotation `tp`, converting ints to floats and lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} should be a list")
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r} should be a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r} should be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r} should be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} should be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r} should be a string")
+        return value
+    return value
+
+
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a did-you-mean hint."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} should be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    """A plain dict (for YAML, JSON, trackers and model cards)."""
+    return dataclasses.asdict(obj)
+
+
+def _set_dotted(data: dict, dotted: str, value):
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings; values are parsed as YAML (so 1e-4, true, [1,2] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' should look like key.sub=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} should hold a mapping of config sections")
+    return data
+
+
+def build_config(data: dict) -> RunConfig:
+    """Validate a raw dict into a RunConfig, parsing `distill` with the chosen method's config class."""
+    from .distillers import get_distiller_class
+
+    data = dict(data)
+    distill = data.pop("distill", None)
+    cfg = from_dict(RunConfig, data)
+    distiller_cls = get_distiller_class(cfg.method)
+    cfg.distill = from_dict(distiller_cls.config_class, distill, "distill")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply key=value overrides, and validate everything."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    return build_config(data)

@@ -1,0 +1,76 @@
+"""Plain diffusion training (denoising score matching), used to train the embedded teacher.
+
+Not a distiller: it trains the pipeline's own network in its own parameterization (the
+Denoiser's training target), with label dropout so that classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler
+
+from .. import solvers
+from ..conditioning import drop_conditions
+from ..config import check_range, option
+from ..schedules import VPSchedule, sample_logit_normal
+from .base import Distiller, DistillerConfig, register
+
+
+@dataclass
+class DiffusionConfig(DistillerConfig):
+    label_dropout: float = option(0.1, "probability of training on the null condition (enables classifier-free guidance)")
+    timesteps: Literal["uniform", "logit_normal"] = option("uniform", "training time distribution")
+    sample_guidance: float = option(1.0, "guidance scale of the sample grids")
+
+    def __post_init__(self):
+        check_range("distill.label_dropout", self.label_dropout, 0, 1)
+
+
+@register("diffusion")
+class DiffusionTraining(Distiller):
+    config_class = DiffusionConfig
+    hidden = True  # trains teachers; not a distillation method
+    paper = {"title": "Denoising Diffusion Probabilistic Models", "arxiv": "2006.11239"}
+
+    def __init__(self, teacher, config: DiffusionConfig):
+        super().__init__(teacher, config)
+        self.teacher.model.requires_grad_(True).train().float()
+
+    @property
+    def student(self):
+        return self.teacher.model
+
+    def frozen_modules(self):
+        return [self.codec]
+
+    def sample_times(self, n: int, device) -> torch.Tensor:
+        schedule = self.teacher.schedule
+        if self.config.timesteps == "logit_normal":
+            return sample_logit_normal(n, device=device).clamp(1e-4, 1.0)
+        if isinstance(schedule, VPSchedule):  # the discrete DDPM timesteps the network is evaluated on
+            k = torch.randint(0, schedule.num_train_timesteps, (n,), device=device)
+            return schedule.t_of_timestep(k).float()
+        return torch.rand(n, device=device).clamp(min=1e-4)
+
+    def loss(self, batch, step):
+        x0, cond = self.teacher_info.encode_batch(batch, self.device)
+        cond = drop_conditions(cond, self.teacher.null_cond, self.config.label_dropout)
+        t = self.sample_times(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        a, s = self.teacher.alpha_sigma(t, x0)
+        out = self.teacher.raw(a * x0 + s * noise, t, cond)
+        target = self.teacher.training_target(x0, noise, a, s)
+        return {"student": torch.mean((out - target) ** 2)}
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None):
+        den = self.teacher.with_model(model) if model is not None else self.teacher
+        grid = self.teacher.schedule.sampling_grid(steps, "trailing")
+        return solvers.sample(den, noise, grid, cond, guidance=self.config.sample_guidance, clip_x0=1.0)
+
+    def export_scheduler(self, steps):
+        cfg = self.teacher_info.pipeline.scheduler.config
+        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", clip_sample=True)

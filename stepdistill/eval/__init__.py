@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, FID and friends, quality tables."""

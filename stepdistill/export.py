@@ -1,0 +1,102 @@
+"""Write a student as a diffusers pipeline directory (safetensors) with a scheduler and a model card."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from torch import nn
+
+from . import __version__
+from .pipelines import ClassConditionalPipeline
+
+CARD_FILE = "stepdistill.json"
+
+
+def build_student_pipeline(teacher, student: nn.Module, scheduler, steps: int):
+    """The teacher's pipeline with the student network and a scheduler for `steps` steps."""
+    pipe = teacher.pipeline
+    if isinstance(pipe, ClassConditionalPipeline):
+        return ClassConditionalPipeline(unet=student, scheduler=scheduler, null_class=pipe.config.null_class,
+                                        num_classes=pipe.config.num_classes, default_steps=steps)
+    components = dict(pipe.components)
+    components[teacher.model_key] = student
+    components["scheduler"] = scheduler
+    return type(pipe)(**components)
+
+
+def model_card_text(card: dict) -> str:
+    rows = "\n".join(f"| {r.get('sampler', '')} | {r['steps']} | {r['fid']:.2f} |" for r in card.get("metrics", [])
+                     if r.get("fid") is not None)
+    table = f"\n## Quality\n\n| sampler | steps | FID |\n|---|---|---|\n{rows}\n" if rows else ""
+    paper = card.get("paper") or {}
+    cite = f"[{paper.get('title')}](https://arxiv.org/abs/{paper.get('arxiv')})" if paper else card["method"]
+    load = card["load"]
+    return f"""---
+library_name: diffusers
+tags: [stepdistill, distillation, {card['method']}]
+---
+# {card['method']} student of `{card['teacher']}`
+
+Distilled with [stepdistill](https://github.com/) {card['stepdistill_version']} by {cite}.
+It samples in **{card['steps']} step(s)** with `{card['scheduler']}`.
+
+```python
+{load}
+```
+{table}
+The full training config is in `{CARD_FILE}`.
+"""
+
+
+def load_snippet(pipe, steps: int) -> str:
+    name = type(pipe).__name__
+    if isinstance(pipe, ClassConditionalPipeline):
+        return ("from stepdistill import ClassConditionalPipeline\n"
+                "pipe = ClassConditionalPipeline.from_pretrained(PATH)\n"
+                f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images")
+    return ("from diffusers import DiffusionPipeline\n"
+            f"pipe = DiffusionPipeline.from_pretrained(PATH)  # {name}\n"
+            f"images = pipe(num_inference_steps={steps}).images")
+
+
+def export_student(distiller, out_dir: str | Path, steps: int, model: nn.Module | None = None,
+                   config: dict | None = None, metrics: list | None = None) -> Path:
+    """Save the student (or given weights, e.g. an EMA shadow) as a loadable pipeline directory."""
+    out_dir = Path(out_dir)
+    teacher = distiller.teacher_info
+    student = copy.deepcopy(model if model is not None else distiller.student).eval()
+    dtype = next(teacher.model.parameters()).dtype
+    if next(student.parameters()).dtype != dtype:
+        student.to(dtype)
+    scheduler = distiller.export_scheduler(steps)
+    pipe = build_student_pipeline(teacher, student, scheduler, steps)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    card = {
+        "method": distiller.name,
+        "paper": distiller.paper,
+        "teacher": teacher.source,
+        "teacher_pipeline": teacher.pipeline_class,
+        "steps": steps,
+        "scheduler": type(scheduler).__name__,
+        "stepdistill_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load": load_snippet(pipe, steps),
+        "config": config or {},
+        "metrics": metrics or [],
+        **distiller.model_card(),
+    }
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+    (out_dir / "README.md").write_text(model_card_text(card))
+    return out_dir
+
+
+def update_card_metrics(out_dir: str | Path, metrics: list) -> None:
+    """Add measured quality rows to an exported student's card."""
+    out_dir = Path(out_dir)
+    card = json.loads((out_dir / CARD_FILE).read_text())
+    card["metrics"] = metrics
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+    (out_dir / "README.md").write_text(model_card_text(card))

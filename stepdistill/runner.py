@@ -1,0 +1,42 @@
+"""A whole run from a config: load the teacher, build the method, train, export, write sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import RunConfig, to_dict
+from .distillers import get_distiller_class
+from .export import export_student
+from .teacher import load_teacher
+from .training.data import build_dataset
+from .training.trainer import Trainer
+
+
+def build(cfg: RunConfig):
+    """Teacher, distiller and dataset for a config (seeded, so student initialisation is reproducible)."""
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(cfg.teacher)
+    distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
+    dataset = build_dataset(cfg.data, teacher)
+    return teacher, distiller, dataset
+
+
+def run(cfg: RunConfig, evaluator=None) -> Path:
+    """Train and export; returns the exported student's directory."""
+    _, distiller, dataset = build(cfg)
+    trainer = Trainer(distiller, dataset, cfg, evaluator=evaluator)
+    out = Path(cfg.output_dir)
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    trainer.train()
+    student_dir = out / "student"
+    if trainer.accelerator.is_main_process:
+        export_student(distiller, student_dir, cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg))
+        for steps in cfg.export.steps:
+            trainer.sample_grid(out / "samples" / f"student-{steps}step.png", steps)
+    trainer.finish()
+    return student_dir

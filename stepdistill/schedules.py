@@ -1,0 +1,181 @@
+"""Noise schedules on one continuous time t in [0, 1] (t=0 is clean data), and timestep samplers.
+
+Every schedule writes x_t = alpha(t) * x0 + sigma(t) * noise. A diffusers VP schedule with T
+training steps puts its discrete timestep k at t = (k + 1) / T, so that t = 0 is the clean
+end (alpha = 1, DDIM's `set_alpha_to_one`) and t = 1 is timestep T - 1. A flow-matching
+schedule uses t = sigma directly: alpha = 1 - t, sigma = t, model timestep = t * T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import StepdistillError
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-example tensor (B,) so it broadcasts against `like` (B, ...)."""
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+class NoiseSchedule:
+    """alpha(t), sigma(t) and the timestep the network was trained on, at continuous t."""
+
+    num_train_timesteps: int
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def t_of_timestep(self, timestep) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.alpha_sigma(t)
+        return 2 * (torch.log(a) - torch.log(s))
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.alpha_sigma(t)
+        return (a / s) ** 2
+
+    def sampling_grid(self, steps: int, spacing: str = "trailing") -> torch.Tensor:
+        """Descending times t_0 > ... > t_steps = end, the teacher's few-step sampling grid."""
+        raise NotImplementedError
+
+
+class VPSchedule(NoiseSchedule):
+    """Variance-preserving schedule from diffusers' alphas_cumprod (linear, scaled_linear, cosine)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_one: bool = True):
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.num_train_timesteps = len(abar)
+        # table[i] = abar at t = i / T; index 0 is the clean end
+        self.table = torch.cat([torch.ones(1, dtype=torch.float64), abar])
+        self.log_table = self.table.log()
+        self.final_alpha_one = final_alpha_one
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "VPSchedule":
+        from diffusers import DDPMScheduler
+
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr")
+        kwargs = {k: config[k] for k in keys if k in config and config[k] is not None}
+        sched = DDPMScheduler(**kwargs)
+        return cls(sched.alphas_cumprod, final_alpha_one=config.get("set_alpha_to_one", True))
+
+    def _abar(self, t: torch.Tensor) -> torch.Tensor:
+        pos = t.double().clamp(0, 1) * self.num_train_timesteps
+        lo = pos.floor().clamp(max=self.num_train_timesteps - 1)
+        frac = pos - lo
+        table = self.log_table.to(t.device)
+        lo = lo.long()
+        return torch.exp(table[lo] * (1 - frac) + table[lo + 1] * frac)
+
+    def alpha_sigma(self, t):
+        abar = self._abar(torch.as_tensor(t))
+        return abar.sqrt().float(), (1 - abar).clamp(min=0).sqrt().float()
+
+    def model_timestep(self, t):
+        ts = torch.as_tensor(t).double() * self.num_train_timesteps - 1
+        rounded = ts.round()
+        ts = torch.where((ts - rounded).abs() < 1e-4, rounded, ts)
+        return ts.clamp(min=0).float()
+
+    def t_of_timestep(self, timestep):
+        return (torch.as_tensor(timestep).double() + 1) / self.num_train_timesteps
+
+    def end_time(self) -> float:
+        """The time a full DDIM run lands on: the clean end, or timestep 0 without set_alpha_to_one."""
+        return 0.0 if self.final_alpha_one else 1.0 / self.num_train_timesteps
+
+    def sampling_grid(self, steps, spacing="trailing", steps_offset: int = 0):
+        T = self.num_train_timesteps
+        if spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        elif spacing == "leading":
+            ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + steps_offset
+        elif spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+        else:
+            raise StepdistillError(f"unknown timestep spacing {spacing!r}; use trailing, leading or linspace")
+        t = self.t_of_timestep(torch.from_numpy(ts.copy()))
+        if spacing == "leading":
+            # DDIM's previous timestep is t - T//steps; below zero it is the clean end
+            prev = ts - T // steps
+            end = self.t_of_timestep(torch.tensor(prev[-1])) if prev[-1] >= 0 else torch.tensor(self.end_time())
+        else:
+            end = torch.tensor(self.end_time(), dtype=torch.float64)
+        return torch.cat([t, end.reshape(1).double()]).float()
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified-flow / flow-matching schedule (SD3, Flux): x_t = (1 - t) x0 + t noise."""
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = shift
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowSchedule":
+        return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
+
+    def alpha_sigma(self, t):
+        t = torch.as_tensor(t).float()
+        return 1 - t, t
+
+    def model_timestep(self, t):
+        return torch.as_tensor(t).float() * self.num_train_timesteps
+
+    def t_of_timestep(self, timestep):
+        return torch.as_tensor(timestep).double() / self.num_train_timesteps
+
+    def shifted(self, t: torch.Tensor) -> torch.Tensor:
+        """SD3's time shift: t -> shift t / (1 + (shift - 1) t)."""
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def end_time(self) -> float:
+        return 0.0
+
+    def sampling_grid(self, steps, spacing="trailing"):
+        # as FlowMatchEulerDiscreteScheduler: linspace(1, 1/T) shifted, then 0
+        T = self.num_train_timesteps
+        t = torch.linspace(1.0, 1.0 / T, steps, dtype=torch.float64)
+        return torch.cat([self.shifted(t), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def schedule_from_scheduler_config(config) -> NoiseSchedule:
+    """The NoiseSchedule behind any diffusers scheduler config."""
+    name = config.get("_class_name", "")
+    if "FlowMatch" in name:
+        return FlowSchedule.from_scheduler_config(config)
+    if "beta_schedule" in config or "trained_betas" in config:
+        return VPSchedule.from_scheduler_config(config)
+    raise StepdistillError(f"unsupported scheduler {name!r}: stepdistill handles VP (DDPM/DDIM-style) and flow-matching schedulers")
+
+
+# ----------------------------------------------------------------------------- timestep samplers
+
+
+def sample_uniform(n: int, device=None, generator=None, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, device=device, generator=generator)
+
+
+def sample_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, device=None, generator=None) -> torch.Tensor:
+    """SD3's training distribution: t = sigmoid(N(mean, std))."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+
+
+def sample_u_shaped(n: int, a: float = 4.0, device=None, generator=None) -> torch.Tensor:
+    """Rectified flow++'s U-shaped distribution p(t) proportional to cosh(a (t - 1/2)) on [0, 1]."""
+    u = torch.rand(n, device=device, generator=generator)
+    # inverse CDF of p(u) = a e^{au} / (e^a - 1), mirrored for half of the draws
+    x = torch.log1p(u * math.expm1(a)) / a
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    t = torch.where(flip, 1 - x, x)
+    return t * (1 - 2e-5) + 1e-5

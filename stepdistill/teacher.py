@@ -1,0 +1,140 @@
+"""Load a diffusers pipeline (directory or hub id, safetensors only) as a frozen Teacher."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .conditioning import ClassConditioner, Conditioner, LatentCodec, PixelCodec
+from .denoiser import Denoiser, denoiser_for
+from .errors import StepdistillError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Teacher:
+    """Everything a distiller needs from the teacher pipeline."""
+
+    pipeline: object
+    denoiser: Denoiser
+    conditioner: Conditioner
+    codec: nn.Module
+    sample_shape: tuple[int, int, int]  # (C, H, W) in the space the network denoises
+    source: str
+
+    @property
+    def model(self) -> nn.Module:
+        return self.denoiser.model
+
+    @property
+    def model_key(self) -> str:
+        """The pipeline component that holds the denoising network: 'unet' or 'transformer'."""
+        return "unet" if hasattr(self.pipeline, "unet") and self.pipeline.unet is not None else "transformer"
+
+    @property
+    def pipeline_class(self) -> str:
+        return type(self.pipeline).__name__
+
+    def encode_batch(self, batch: dict, device) -> tuple[torch.Tensor | None, dict]:
+        """Data batch -> (x0 in model space or None for data-free batches, model keyword arguments)."""
+        x0 = None
+        if "pixel_values" in batch:
+            x0 = self.codec.encode(batch["pixel_values"].to(device))
+        return x0, self.conditioner.encode(batch, device)
+
+    def to(self, device):
+        self.pipeline.to(device)
+        return self
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a pipeline directory whose weights are only pickles (which could run code on load)."""
+    if not (path / "model_index.json").is_file():
+        raise StepdistillError(
+            f"{path} is not a diffusers pipeline directory (no model_index.json). "
+            "Pass a directory written by pipeline.save_pretrained(...) or a hub id.")
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f for f in sub.iterdir() if f.is_file()]
+        pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        safes = [f.name for f in files if f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json")]
+        if pickles and not safes:
+            raise StepdistillError(
+                f"teacher component '{sub.name}' in {path} has only pickle weights ({', '.join(pickles)}); "
+                "stepdistill loads safetensors only. Convert it once with "
+                "`DiffusionPipeline.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` "
+                "in an environment you trust, then pass the converted directory.")
+
+
+def pipeline_class_for(path: Path):
+    """Our own pipeline classes are found in stepdistill; everything else in diffusers."""
+    from diffusers import DiffusionPipeline
+
+    from . import pipelines
+
+    name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    return getattr(pipelines, name, DiffusionPipeline)
+
+
+def load_pipeline(source: str, torch_dtype=None):
+    """A diffusers pipeline from a local directory or hub id, with safetensors enforced."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(source)
+    if path.exists():
+        if path.is_file():
+            raise StepdistillError(
+                f"{source} is a single file; stepdistill needs a diffusers pipeline directory "
+                "(convert single-file checkpoints with DiffusionPipeline.from_single_file(...).save_pretrained(dir)).")
+        check_safetensors(path)
+        cls = pipeline_class_for(path)
+    else:
+        cls = DiffusionPipeline
+    try:
+        return cls.from_pretrained(source, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise StepdistillError(f"could not load teacher pipeline {source!r}: {e}") from None
+
+
+def conditioner_for(pipe) -> Conditioner:
+    """The Conditioner matching a pipeline's kind (unconditional, class labels, text)."""
+    from . import pipelines
+
+    if isinstance(pipe, pipelines.ClassConditionalPipeline):
+        return ClassConditioner(pipe.config.num_classes, pipe.config.null_class)
+    name = type(pipe).__name__
+    if name == "DiTPipeline":
+        model = pipe.transformer
+        return ClassConditioner(model.config.num_embeds_ada_norm, model.config.num_embeds_ada_norm)
+    if getattr(pipe, "text_encoder", None) is not None:
+        from .text import text_conditioner_for  # text-to-image teachers
+
+        return text_conditioner_for(pipe)
+    return Conditioner()
+
+
+def teacher_from_pipeline(pipe, source: str = "<memory>") -> Teacher:
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        raise StepdistillError(f"{type(pipe).__name__} has neither a unet nor a transformer to distil")
+    conditioner = conditioner_for(pipe)
+    denoiser = denoiser_for(model, pipe.scheduler.config, conditioner.null())
+    vae = getattr(pipe, "vae", None)
+    codec = LatentCodec(vae) if vae is not None else PixelCodec()
+    for module in (model, vae, getattr(pipe, "text_encoder", None)):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    cfg = model.config
+    size = cfg.get("sample_size")
+    size = size if isinstance(size, int) else size[0]
+    shape = (cfg.get("in_channels"), size, size)
+    return Teacher(pipe, denoiser, conditioner, codec, shape, source)
+
+
+def load_teacher(source: str, torch_dtype=None) -> Teacher:
+    """Load a teacher pipeline and wrap it; its networks are frozen."""
+    return teacher_from_pipeline(load_pipeline(source, torch_dtype), source)

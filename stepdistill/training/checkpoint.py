@@ -1,0 +1,118 @@
+"""Training checkpoints in safetensors + JSON, written atomically.
+
+A checkpoint is a folder `step-00001000/`: trainable weights, optimizer states, EMA shadows,
+each process's RNG state, and a JSON of counters and LR-scheduler state. It is written under
+a temporary name and renamed when whole, so a crash mid-save leaves the previous one intact;
+only then are checkpoints beyond the newest K deleted. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict split into tensors ('state/<param>/<name>') and a JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for idx, entry in sd["state"].items():
+        for name, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state/{idx}/{name}"] = v.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(idx), {})[name] = v
+    return tensors, {"state": plain, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, plain: dict) -> None:
+    per_param: dict[int, dict] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split("/", 2)
+        per_param.setdefault(int(idx), {})[name] = t
+    for idx, extra in plain["state"].items():
+        per_param.setdefault(int(idx), {}).update(extra)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in plain["param_groups"]]
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}.tmp"
+
+
+def write_shared(path: Path, *, weights: dict, optimizers: dict, schedulers: dict, ema: dict | None,
+                 counters: dict) -> None:
+    """The parts every process shares (written by the main process)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path / "weights.safetensors"))
+    opt_plain = {}
+    for name, opt in optimizers.items():
+        tensors, plain = optimizer_state(opt)
+        save_file(tensors, str(path / f"optimizer-{name}.safetensors"))
+        opt_plain[name] = plain
+    if ema:
+        save_file(ema, str(path / "ema.safetensors"))
+    state = {"counters": counters, "optimizers": opt_plain,
+             "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
+    (path / "state.json").write_text(json.dumps(state, indent=1, default=float))
+
+
+def write_rng(path: Path, rank: int) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(path / f"rng-{rank}.safetensors"))
+
+
+def finalize(tmp: Path, root: Path, step: int, keep: int) -> Path:
+    """Rename the finished temporary folder into place, then prune old checkpoints."""
+    final = root / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path, rank: int) -> dict:
+    """Everything a resume needs, as tensors and plain values."""
+    state = json.loads((path / "state.json").read_text())
+    out = {
+        "weights": load_file(str(path / "weights.safetensors")),
+        "optimizers": {name: (load_file(str(path / f"optimizer-{name}.safetensors")), plain)
+                       for name, plain in state["optimizers"].items()},
+        "schedulers": state["schedulers"],
+        "counters": state["counters"],
+        "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None,
+    }
+    rng_file = path / f"rng-{rank}.safetensors"
+    out["rng"] = load_file(str(rng_file)) if rng_file.exists() else None
+    return out
+
+
+def restore_rng(rng: dict | None) -> None:
+    if rng is None:
+        return
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])

@@ -1,0 +1,164 @@
+"""Datasets (embedded digits, image-caption folders, prompt lists) and a resumable batch order.
+
+The batch order is a pure function of (seed, micro-step): epoch e is the permutation drawn
+from seed + e, and each process takes its own slice of the global batch. Resuming at any
+micro-step therefore sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import StepdistillError
+
+DIGITS_SIZE = 16  # the embedded world's image size: scikit-learn's 8x8 digits, upsampled bilinearly
+DIGITS_CLASSES = 10
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def digits_images(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as (N, 1, size, size) images in [-1, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).contiguous(), torch.from_numpy(d.target.astype(np.int64))
+
+
+class DigitsDataset(Dataset):
+    """The embedded default: class-labelled 16x16 digits, shipped inside scikit-learn's wheel."""
+
+    def __init__(self, size: int = DIGITS_SIZE):
+        self.images, self.labels = digits_images(size)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "class_labels": self.labels[i]}
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB image, centre-cropped and resized, in [-1, 1]; a corrupt file stops with its name."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise StepdistillError(f"cannot read image {path}: {e}. Remove or replace the file and run again.") from None
+    w, h = im.size
+    side = min(w, h)
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    im = im.resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionFolder(Dataset):
+    """Images with captions: metadata.jsonl ({"file_name", "text"}) or a .txt beside each image."""
+
+    def __init__(self, root: str | Path, resolution: int):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StepdistillError(f"data.path {root} is not a folder of images")
+        self.resolution = resolution
+        meta = self.root / "metadata.jsonl"
+        if meta.is_file():
+            rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+            self.items = [(self.root / r["file_name"], r.get("text", "")) for r in rows]
+        else:
+            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            self.items = [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "")
+                          for p in files]
+        missing = [str(p) for p, _ in self.items if not p.is_file()]
+        if missing:
+            raise StepdistillError(f"{len(missing)} images listed in {meta} are missing, e.g. {missing[0]}")
+        if not self.items:
+            raise StepdistillError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, caption = self.items[i]
+        return {"pixel_values": load_image(path, self.resolution), "prompt": caption}
+
+
+class PromptList(Dataset):
+    """One prompt per line, for data-free distillation."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise StepdistillError(f"prompt file not found: {path}")
+        self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not self.prompts:
+            raise StepdistillError(f"prompt file {path} holds no prompts")
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def __getitem__(self, i):
+        return {"prompt": self.prompts[i]}
+
+
+def build_dataset(data_config, teacher) -> Dataset:
+    """The dataset a run config names, checked against the teacher's kind."""
+    kind = data_config.dataset
+    if kind == "digits":
+        if teacher is not None and teacher.conditioner.kind == "text":
+            raise StepdistillError("data.dataset = digits is class-labelled, but the teacher is text-to-image; "
+                                   "use data.dataset = folder or prompts")
+        return DigitsDataset(teacher.sample_shape[-1] if teacher is not None and not teacher.codec.latent else DIGITS_SIZE)
+    if kind == "folder":
+        res = data_config.resolution
+        if res is None:
+            res = teacher.sample_shape[-1] * (8 if teacher.codec.latent else 1)
+        return ImageCaptionFolder(data_config.path, res)
+    if kind == "prompts":
+        return PromptList(data_config.path)
+    raise StepdistillError(f"data.dataset = {kind!r} needs images or conditions for this method")
+
+
+class StepBatchSampler(Sampler):
+    """Yields this process's index lists from micro-step `start` on, forever, in a seeded order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world = rank, world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(self.n)
+
+    def __iter__(self):
+        global_bs = self.batch_size * self.world
+        pos = self.start * global_bs
+        epoch, cached = -1, None
+        while True:
+            idx = []
+            for p in range(pos, pos + global_bs):
+                e = p // self.n
+                if e != epoch:
+                    epoch, cached = e, self._perm(e)
+                idx.append(int(cached[p % self.n]))
+            pos += global_bs
+            yield idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __len__(self):  # infinite; DataLoader only needs this for its length
+        return 2**62
+
+
+def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start: int, rank: int, world: int,
+                   num_workers: int = 0):
+    """An endless iterator of batches, starting at micro-step `start`."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)

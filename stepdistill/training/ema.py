@@ -1,0 +1,99 @@
+"""Exponential moving averages of a student at several rates, updated together.
+
+Each rate keeps an fp32 shadow copy of the module's trainable parameters; frozen parameters
+(the base of a LoRA student) are shared with the live module, not copied. A shadow is a
+whole nn.Module, so a consistency target network is simply the shadow at its rate.
+All rates are updated in one call after each optimizer step: by a fused Triton kernel on
+CUDA when available (stepdistill.kernels.ema), else by torch._foreach_lerp_ per rate.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_name(decay: float) -> str:
+    return f"ema_{decay:g}"
+
+
+class MultiRateEMA:
+    """Shadow modules of `module` at named decay rates, e.g. {"ema_0.9999": 0.9999, "target": 0.95}."""
+
+    def __init__(self, module: nn.Module, rates: dict[str, float], backend: str = "auto", warmup: bool = False):
+        self.rates = dict(rates)
+        self.warmup = warmup
+        self.num_updates = 0
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.live = [p for p in module.parameters() if p.requires_grad]
+        frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+        self.shadows: dict[str, nn.Module] = {}
+        for name in self.rates:
+            shadow = copy.deepcopy(module, memo=dict(frozen))  # frozen weights shared, trainable ones copied
+            for p in shadow.parameters():
+                if id(p) not in frozen:
+                    p.data = p.data.float()
+                p.requires_grad_(False)
+            self.shadows[name] = shadow.eval()
+        self.shadow_params = {name: [dict(s.named_parameters())[n] for n in self.names]
+                              for name, s in self.shadows.items()}
+        self._fused = self._make_fused(backend)
+
+    def _make_fused(self, backend: str):
+        """The fused kernel's updater where asked for (or 'auto' on CUDA), else None for foreach."""
+        if backend == "foreach" or not self.rates:
+            return None
+        on_cuda = bool(self.live) and self.live[0].is_cuda
+        if backend == "auto" and not on_cuda:
+            return None
+        try:
+            from ..kernels.ema import FusedMultiRateEMA
+        except ImportError:
+            if backend == "fused":
+                raise
+            return None
+        return FusedMultiRateEMA(self.live, [self.shadow_params[n] for n in self.rates])
+
+    def decay(self, name: str) -> float:
+        d = self.rates[name]
+        if self.warmup:
+            d = min(d, (1 + self.num_updates) / (10 + self.num_updates))
+        return d
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move every shadow toward the live weights: shadow <- decay * shadow + (1 - decay) * live."""
+        decays = [self.decay(n) for n in self.rates]
+        if self._fused is not None:
+            self._fused.step(decays)
+        else:
+            live = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in self.live]
+            for name, d in zip(self.rates, decays):
+                torch._foreach_lerp_(self.shadow_params[name], live, 1.0 - d)
+        self.num_updates += 1
+
+    def module(self, name: str) -> nn.Module:
+        return self.shadows[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"{rate}/{n}": p.detach().cpu().contiguous() for rate, ps in self.shadow_params.items()
+              for n, p in zip(self.names, ps)}
+        sd["num_updates"] = torch.tensor(self.num_updates)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for rate, ps in self.shadow_params.items():
+            for n, p in zip(self.names, ps):
+                p.data.copy_(sd[f"{rate}/{n}"])
+        self.num_updates = int(sd["num_updates"])
+        if self._fused is not None:
+            self._fused.refresh()
+
+    @torch.no_grad()
+    def copy_to(self, name: str, module: nn.Module) -> None:
+        """Write a shadow's weights into `module` (same architecture), in the module's dtype."""
+        params = dict(module.named_parameters())
+        for n, p in zip(self.names, self.shadow_params[name]):
+            params[n].data.copy_(p.to(params[n].dtype))
