@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from stepdistill.config import load_config  # noqa: E402
 from stepdistill.pipelines import ClassConditionalPipeline  # noqa: E402
-from stepdistill.runner import run  # noqa: E402
+from stepdistill.runner import run, student_dir  # noqa: E402
 from stepdistill.training.data import DIGITS_CLASSES, DIGITS_SIZE  # noqa: E402
 
 
@@ -56,11 +56,11 @@ def main(argv=None):
         init_dir = Path(tmp) / "init"
         cfg = load_config(args.config, [*args.overrides, f"teacher={init_dir}"])
         initial_pipeline(cfg.seed).save_pretrained(init_dir)
-        student = run(cfg)
+        run(cfg)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(student, out)
+    shutil.copytree(student_dir(cfg), out)
     shutil.copy(Path(cfg.output_dir) / "samples" / f"student-{cfg.export.steps[0]}step.png", out / "samples.png")
     print(f"teacher written to {out}")
 

@@ -170,6 +170,11 @@ def _convert(value, tp, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r} should be a number")
         return float(value)

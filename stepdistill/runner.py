@@ -24,8 +24,8 @@ def build(cfg: RunConfig):
     return teacher, distiller, dataset
 
 
-def run(cfg: RunConfig, evaluator=None) -> Path:
-    """Train and export; returns the exported student's directory."""
+def run(cfg: RunConfig, evaluator=None) -> Trainer:
+    """Train and export to output_dir/student; returns the finished trainer (distiller, EMA, weights)."""
     _, distiller, dataset = build(cfg)
     trainer = Trainer(distiller, dataset, cfg, evaluator=evaluator)
     out = Path(cfg.output_dir)
@@ -33,10 +33,34 @@ def run(cfg: RunConfig, evaluator=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainer.train()
-    student_dir = out / "student"
     if trainer.accelerator.is_main_process:
-        export_student(distiller, student_dir, cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg))
+        export_student(distiller, student_dir(cfg), cfg.export.steps[0], model=trainer.export_module(),
+                       config=to_dict(cfg))
         for steps in cfg.export.steps:
             trainer.sample_grid(out / "samples" / f"student-{steps}step.png", steps)
     trainer.finish()
-    return student_dir
+    return trainer
+
+
+def student_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / "student"
+
+
+def export_run(run_dir, steps: int | None = None, weights: str | None = None, out=None) -> Path:
+    """Export a run's latest checkpoint (`stepdistill export`)."""
+    from .config import load_config
+    from .errors import StepdistillError
+    from .training import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    overrides = [f"output_dir={run_dir}"] + ([f"train.export_weights={weights}"] if weights else [])
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise StepdistillError(f"{run_dir} has no checkpoints to export")
+    _, distiller, dataset = build(cfg)
+    trainer = Trainer(distiller, dataset, cfg)
+    trainer.load_checkpoint(latest)
+    out = Path(out) if out else student_dir(cfg)
+    export_student(distiller, out, steps or cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg))
+    return out

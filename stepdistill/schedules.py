@@ -143,16 +143,18 @@ class FlowSchedule(NoiseSchedule):
         return 0.0
 
     def sampling_grid(self, steps, spacing="trailing"):
-        # as FlowMatchEulerDiscreteScheduler: linspace(1, 1/T) shifted, then 0
+        # as FlowMatchEulerDiscreteScheduler: a linspace between its (already shifted) training
+        # sigmas at the two ends, shifted once more, then 0
         T = self.num_train_timesteps
-        t = torch.linspace(1.0, 1.0 / T, steps, dtype=torch.float64)
+        lowest = self.shifted(torch.tensor(1.0 / T, dtype=torch.float64))
+        t = torch.linspace(1.0, float(lowest), steps, dtype=torch.float64)
         return torch.cat([self.shifted(t), torch.zeros(1, dtype=torch.float64)]).float()
 
 
 def schedule_from_scheduler_config(config) -> NoiseSchedule:
     """The NoiseSchedule behind any diffusers scheduler config."""
     name = config.get("_class_name", "")
-    if "FlowMatch" in name:
+    if "FlowMatch" in name or ("shift" in config and "beta_schedule" not in config):
         return FlowSchedule.from_scheduler_config(config)
     if "beta_schedule" in config or "trained_betas" in config:
         return VPSchedule.from_scheduler_config(config)

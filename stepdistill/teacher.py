@@ -84,7 +84,11 @@ def load_pipeline(source: str, torch_dtype=None):
     """A diffusers pipeline from a local directory or hub id, with safetensors enforced."""
     from diffusers import DiffusionPipeline
 
-    path = Path(source)
+    path = Path(source).expanduser()
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") != 1
+    if not path.exists() and looks_local:
+        raise StepdistillError(f"teacher {source!r} not found: give a pipeline directory that exists or a hub id "
+                               "like 'org/name'")
     if path.exists():
         if path.is_file():
             raise StepdistillError(

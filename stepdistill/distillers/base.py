@@ -38,6 +38,7 @@ class Distiller(nn.Module):
     config_class: ClassVar[type] = DistillerConfig
     paper: ClassVar[dict] = {}  # {"title": ..., "arxiv": ...} for the model card
     find_unused_parameters: ClassVar[bool] = False
+    sampler_name: ClassVar[str] = ""  # the student's sampler, as reported in quality tables
 
     def __init__(self, teacher, config):
         super().__init__()

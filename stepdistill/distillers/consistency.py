@@ -77,7 +77,9 @@ def copy_student(model: nn.Module, **config_changes) -> nn.Module:
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
-    return torch.mean(torch.sqrt((x.float() - y.float()) ** 2 + c * c) - c)
+    """mean(sqrt(d^2 + c^2) - c), written as d^2 / (sqrt(d^2 + c^2) + c) so small d keep their precision."""
+    d2 = (x.float() - y.float()) ** 2
+    return torch.mean(d2 / (torch.sqrt(d2 + c * c) + c))
 
 
 @register("cd")
@@ -86,6 +88,7 @@ class ConsistencyDistiller(Distiller):
 
     config_class = ConsistencyConfig
     paper = {"title": "Consistency Models", "arxiv": "2303.01469"}
+    sampler_name = "consistency"
 
     def __init__(self, teacher, config: ConsistencyConfig):
         super().__init__(teacher, config)

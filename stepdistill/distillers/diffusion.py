@@ -33,6 +33,7 @@ class DiffusionConfig(DistillerConfig):
 class DiffusionTraining(Distiller):
     config_class = DiffusionConfig
     hidden = True  # trains teachers; not a distillation method
+    sampler_name = "ddim"
     paper = {"title": "Denoising Diffusion Probabilistic Models", "arxiv": "2006.11239"}
 
     def __init__(self, teacher, config: DiffusionConfig):

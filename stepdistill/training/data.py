@@ -159,6 +159,7 @@ def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start: int, ran
                    num_workers: int = 0):
     """An endless iterator of batches, starting at micro-step `start`."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start, rank, world)
+    # its own generator: creating the iterator must not draw from the global RNG (exact resume)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
     return iter(loader)

@@ -69,12 +69,14 @@ class Trainer:
         self.evaluator = evaluator
         self.output_dir = Path(config.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
+        fresh_accelerate_state()
         report = self.tc.report_to if self.tc.report_to != "none" and _tensorboard_available() else None
         self.accelerator = accelerator or Accelerator(
             mixed_precision=self.tc.mixed_precision,
             gradient_accumulation_steps=self.tc.gradient_accumulation_steps,
             log_with=report,
             project_dir=str(self.output_dir),
+            cpu=not torch.cuda.is_available(),  # lets torchrun-started CPU processes form a gloo group
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=distiller.find_unused_parameters)],
         )
         acc = self.accelerator
@@ -104,6 +106,7 @@ class Trainer:
         self.optimizers = dict(zip(self.optimizers, prepared))
         self.step = 0
         self.micro_step = 0
+        torch.manual_seed(config.seed + acc.process_index)  # each process draws its own noise
 
     # -- state ----------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -255,6 +258,15 @@ class Trainer:
 
     def finish(self) -> None:
         self.accelerator.end_training()
+
+
+def fresh_accelerate_state() -> None:
+    """Forget the previous run's precision and accumulation settings (several runs in one process,
+    as the quickstart does); the distributed process group itself is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _tensorboard_available() -> bool:

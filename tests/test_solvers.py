@@ -1,0 +1,88 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from stepdistill import solvers
+from stepdistill.denoiser import EpsDenoiser, denoiser_for
+from stepdistill.schedules import FlowSchedule, VPSchedule
+from tiny_models import tiny_unet
+
+
+@pytest.mark.parametrize("spacing,alpha_one", [("trailing", True), ("leading", True), ("leading", False)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_50_step_ddim_matches_diffusers(spacing, alpha_one, prediction_type):
+    model = tiny_unet()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False,
+                          timestep_spacing=spacing, set_alpha_to_one=alpha_one)
+    sched.set_timesteps(50)
+    den = denoiser_for(model, sched.config)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t).sample, t, x).prev_sample
+        ours = solvers.sample(den, noise, den.schedule.sampling_grid(50, spacing))
+    assert (ours - x).abs().max().item() < 1e-4
+
+
+def test_ddim_with_clipping_matches_diffusers_clip_sample():
+    model = tiny_unet()
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True,
+                          timestep_spacing="trailing")
+    sched.set_timesteps(4)
+    den = denoiser_for(model, sched.config)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t).sample, t, x).prev_sample
+        ours = solvers.sample(den, noise, den.schedule.sampling_grid(4), clip_x0=1.0)
+    assert (ours - x).abs().max().item() < 1e-4
+
+
+class GaussianEps(nn.Module):
+    """The exact eps-prediction for data ~ N(0, sd^2): the probability-flow ODE is then solvable in closed form."""
+
+    def __init__(self, schedule, sd=0.5):
+        super().__init__()
+        self.schedule, self.sd = schedule, sd
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, sample, timestep, return_dict=False):
+        t = self.schedule.t_of_timestep(timestep).float() if isinstance(self.schedule, VPSchedule) \
+            else timestep / self.schedule.num_train_timesteps
+        a, s = self.schedule.alpha_sigma(t)
+        a, s = a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)
+        x0 = a * self.sd ** 2 * sample / (a ** 2 * self.sd ** 2 + s ** 2)
+        return ((sample - a * x0) / s,)
+
+
+def karras_times(schedule, n, lam_max=80.0, lam_min=0.002, rho=7.0):
+    """EDM's sigma grid (here sigma = s/a), mapped back to t by bisection, then the clean end."""
+    ramp = torch.linspace(0, 1, n)
+    lam = (lam_max ** (1 / rho) + ramp * (lam_min ** (1 / rho) - lam_max ** (1 / rho))) ** rho
+    lo, hi = torch.zeros(n), torch.ones(n)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        a, s = schedule.alpha_sigma(mid)
+        below = s / a < lam
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.cat([(lo + hi) / 2, torch.zeros(1)])
+
+
+@pytest.mark.parametrize("schedule", [FlowSchedule(), VPSchedule(DDIMScheduler(beta_schedule="scaled_linear").alphas_cumprod)])
+def test_euler_is_first_order_and_heun_second_order_on_the_exact_gaussian_ode(schedule):
+    den = EpsDenoiser(GaussianEps(schedule), schedule)
+    x1 = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for n in (32, 64):
+        grid = karras_times(schedule, n)
+        a, s = schedule.alpha_sigma(grid[0])
+        exact = x1 * 0.5 / torch.sqrt(a ** 2 * 0.25 + s ** 2)  # each point keeps its quantile of N(0, a^2 sd^2 + s^2)
+        for name in ("euler", "heun"):
+            err[name, n] = (solvers.sample(den, x1, grid, solver=name) - exact).abs().max().item()
+    assert 1.7 < err["euler", 32] / err["euler", 64] < 2.3  # halving the step halves Euler's error
+    assert 3.4 < err["heun", 32] / err["heun", 64] < 4.6  # ... and quarters Heun's
+    assert err["heun", 64] < 0.1 * err["euler", 64]
+    assert solvers.nfe("heun", 8) == 15 and solvers.nfe("ddim", 8) == 8
