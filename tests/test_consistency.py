@@ -1,6 +1,7 @@
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 
+from distiller_suite import DistillerSuite
 from helpers import tiny_config
 from stepdistill.distillers.consistency import pseudo_huber
 from stepdistill.pipelines import ClassConditionalPipeline
@@ -77,3 +78,12 @@ def test_unconditional_student_loads_in_plain_diffusers(uncond_teacher, tmp_path
     noise = torch.randn(2, 1, 8, 8, generator=g)
     ours = trainer.distiller.sample(noise, {}, 2, generator=g, model=trainer.export_module())
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), images, atol=1e-4, rtol=1e-4)
+
+
+class TestConsistencySuite(DistillerSuite):
+    config_file = "digits/consistency.yaml"
+
+
+class TestConsistencyUnconditionalSuite(DistillerSuite):
+    config_file = "digits/consistency.yaml"
+    teacher = "uncond_teacher"

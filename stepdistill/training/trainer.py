@@ -106,6 +106,7 @@ class Trainer:
         self.optimizers = dict(zip(self.optimizers, prepared))
         self.step = 0
         self.micro_step = 0
+        self.logs: dict[str, float] = {}  # the latest step's losses and metrics
         torch.manual_seed(config.seed + acc.process_index)  # each process draws its own noise
 
     # -- state ----------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class Trainer:
             for k, v in out.items():
                 logs[k if k not in self.groups else f"loss/{k}"] = float(v.detach().float().mean()) \
                     if torch.is_tensor(v) else float(v)
+            self.logs = dict(logs)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
