@@ -44,8 +44,8 @@ class DigitsDataset(Dataset):
         return {"pixel_values": self.images[i], "class_labels": self.labels[i]}
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An RGB image, centre-cropped and resized, in [-1, 1]; a corrupt file stops with its name."""
+def load_image(path: Path, resolution: int | None) -> torch.Tensor:
+    """An RGB image, centre-cropped and resized (None: as stored), in [-1, 1]; a corrupt file stops with its name."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -53,10 +53,11 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise StepdistillError(f"cannot read image {path}: {e}. Remove or replace the file and run again.") from None
-    w, h = im.size
-    side = min(w, h)
-    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    im = im.resize((resolution, resolution), Image.BICUBIC)
+    if resolution is not None:
+        w, h = im.size
+        side = min(w, h)
+        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        im = im.resize((resolution, resolution), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return x.permute(2, 0, 1).contiguous()
 
