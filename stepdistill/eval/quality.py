@@ -1,4 +1,4 @@
-"""Quality of samplers on the digits world: generate, embed with the digits classifier, Frechet distance.
+"""Quality of samplers on the digits world: generate, embed with the digits classifier, FID (torch-fidelity).
 
 This is the measurement behind the quickstart's table: every row (teacher DDIM at k steps,
 student at k steps) draws the same class labels and the same initial noise.
@@ -10,45 +10,34 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import linalg
 
-from ..training.data import DIGITS_CLASSES, digits_images
-from .features import load_digits_classifier
-
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) (Heusel et al. 2017)."""
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+from ..training.data import DIGITS_CLASSES
+from .features import DIGITS_EXTRACTOR
+from .fid import Statistics, cached_statistics, create_extractor, extract, frechet_distance
+from .sources import TensorSource, digits_source, to_uint8_nchw
 
 
 class DigitsFID:
-    """FID in the digits classifier's feature space against all 1,797 real digits."""
+    """FID in the digits classifier's feature space against all 1,797 real digits.
+
+    The same path as real data: images are rounded to uint8 (as PNG files hold them), embedded by the
+    classifier registered with torch-fidelity, and compared by torch-fidelity; the reference statistics
+    are cached (see fid.cache_dir).
+    """
 
     def __init__(self, classifier_path=None, device="cpu"):
-        self.device = device
-        self.classifier = load_digits_classifier(classifier_path, device)
-        real, _ = digits_images()
-        self.ref = feature_statistics(self.features(real))
+        from ..paths import DIGITS_CLASSIFIER
 
-    @torch.no_grad()
+        self.extractor = create_extractor(DIGITS_EXTRACTOR, classifier_path or DIGITS_CLASSIFIER, device)
+        self.ref = cached_statistics(digits_source(), self.extractor, batch_size=500, progress=False)
+
     def features(self, images: torch.Tensor, batch: int = 500) -> np.ndarray:
-        out = [self.classifier.features(images[i:i + batch].to(self.device).clamp(-1, 1)).cpu()
-               for i in range(0, len(images), batch)]
-        return torch.cat(out).numpy()
+        source = TensorSource(to_uint8_nchw(images), "samples")
+        return extract(source, self.extractor, batch, progress=False)["features"].numpy()
 
     def __call__(self, images: torch.Tensor) -> float:
-        return frechet_distance(*feature_statistics(self.features(images)), *self.ref)
+        stats = Statistics.from_features(torch.from_numpy(self.features(images)), self.extractor.key, "samples")
+        return frechet_distance(stats, self.ref)
 
 
 @torch.no_grad()
