@@ -26,6 +26,10 @@ def build(cfg: RunConfig):
 
 def run(cfg: RunConfig, evaluator=None) -> Trainer:
     """Train and export to output_dir/student; returns the finished trainer (distiller, EMA, weights)."""
+    if evaluator is None and cfg.eval.every > 0:
+        from .eval.evaluator import make_evaluator
+
+        evaluator = make_evaluator(cfg)
     _, distiller, dataset = build(cfg)
     trainer = Trainer(distiller, dataset, cfg, evaluator=evaluator)
     out = Path(cfg.output_dir)
