@@ -204,3 +204,26 @@ def test_training_logs_fid_every_n_steps_without_touching_the_training_rng(class
 
     with pytest.raises(ConfigError, match="eval.every = 5 needs reference images"):
         make(tiny_config("digits/consistency.yaml", class_teacher, tmp_path / "c", "eval.every=5", "data.dataset=none"))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_samples_and_metrics(class_teacher, reference, tmp_path):
+    """torchrun, two CPU processes (gloo): each generates every other batch; features are gathered in order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = ["fid", str(class_teacher), str(reference), "--extractor", "digits", "--steps", "2", "--num-samples", "30",
+            "--batch-size", "4", "--metrics", "fid,kid", "--no-cache"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stepdistill.cli", *argv, "--save-samples", str(tmp_path / "two"),
+                           "--json", str(tmp_path / "two.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = fid_json(tmp_path, *argv[1:], "--save-samples", tmp_path / "one", name="one.json")
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (two["fid"], two["kid_mean"]) == (one["fid"], one["kid_mean"])
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 30
+    assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
