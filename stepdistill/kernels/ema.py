@@ -12,8 +12,9 @@ contiguous memory. The live parameters stay where they are (the optimizer owns t
   Rates are allocated one at a time (separate rows addressed by offsets), so building the
   buckets needs only one rate's worth of extra memory while the old shadows are released.
 - BlockedMultiRateEMA: the CPU path. Walks each bucket in cache-sized blocks: gathers the block's
-  live values once into a small fp32 scratch that stays in cache, then one lerp_ per rate on the
-  contiguous shadow slice. No per-step allocation of fp32 copies of bf16 parameters.
+  live values once into a small fp32 scratch that stays in cache (large fp32 tensors are read in
+  place), then one lerp_ per rate on the contiguous shadow slice. No per-step allocation of fp32
+  copies of bf16 parameters, and the live block is read from memory once for all rates.
 
 `multi_rate_ema_reference` is the plain per-tensor formula both are tested against.
 """
@@ -227,44 +228,54 @@ if HAS_TRITON:
 
 
 class BlockedMultiRateEMA(_FlatEMA):
-    """The CPU path: cache-sized blocks, live gathered once per block, one lerp_ per rate."""
+    """The CPU path: cache-sized blocks, live gathered once per block, one lerp_ per rate.
 
-    def __init__(self, live: list[torch.Tensor], shadows: list[list[torch.Tensor]], block: int = 1 << 17):
+    2^19 elements (2 MB of fp32 scratch) measured best on a 2-core EPYC among 2^17..2^22.
+    """
+
+    def __init__(self, live: list[torch.Tensor], shadows: list[list[torch.Tensor]], block: int = 1 << 19):
         self.block = block
         super().__init__(live, shadows)
 
     def _plan(self, b: _Bucket) -> None:
-        """Per block of flat indices [start, end): live pieces, their places in the scratch, shadow rows.
+        """Blocks of at most `block` flat elements: (live pieces, their scratch slices, a direct source
+        or None, the scratch, the shadow rows' slices).
 
-        Blocks may include the alignment gaps between tensors; the scratch there holds stale but
-        finite values and the shadow gaps they update are never read.
+        Large fp32 tensors get blocks of their own and are lerped straight from the parameter (no
+        copy); everything else is gathered into the scratch, small tensors packed together. A packed
+        block spans the alignment gaps between its tensors; the scratch there holds stale but finite
+        values and the shadow gaps it updates are never read.
         """
         scratch = torch.zeros(min(self.block, b.numel), dtype=torch.float32, device=b.rows[0].device)
         plan = []
-        pieces: list[torch.Tensor] = []
-        dests: list[torch.Tensor] = []
-        start = 0
+        cur: list[tuple[torch.Tensor, int]] = []  # (piece, flat position) of the open packed block
 
-        def close(end: int) -> None:
-            nonlocal pieces, dests, start
-            direct = None
-            if len(pieces) == 1 and pieces[0].dtype == torch.float32 and pieces[0].numel() == end - start:
-                direct = pieces[0]  # one fp32 piece fills the block: lerp straight from it
-            plan.append((pieces, dests, direct, scratch[:end - start], [row[start:end] for row in b.rows]))
-            pieces, dests, start = [], [], end
+        def flush() -> None:
+            if cur:
+                a = cur[0][1]
+                e = cur[-1][1] + cur[-1][0].numel()
+                plan.append(([pc for pc, _ in cur], [scratch[pos - a:pos - a + pc.numel()] for pc, pos in cur],
+                             None, scratch[:e - a], [row[a:e] for row in b.rows]))
+                cur.clear()
 
         for p, off in zip(b.live, b.offsets):
-            flat_p = torch.as_strided(p.detach(), (p.numel(),), (1,), p.storage_offset())  # storage order
+            n = p.numel()
+            flat_p = torch.as_strided(p.detach(), (n,), (1,), p.storage_offset())  # storage order
+            if p.dtype == torch.float32 and n >= self.block // 4:
+                for i in range(0, n, self.block):
+                    j = min(n, i + self.block)
+                    plan.append(([], [], flat_p[i:j], None, [row[off + i:off + j] for row in b.rows]))
+                continue
             i = 0
-            while i < p.numel():
+            while i < n:
                 pos = off + i
-                if pos - start >= self.block:
-                    close(pos)
-                take = min(p.numel() - i, self.block - (pos - start))
-                pieces.append(flat_p[i:i + take])
-                dests.append(scratch[pos - start:pos - start + take])
+                if cur and pos - cur[0][1] >= self.block:
+                    flush()
+                a = cur[0][1] if cur else pos
+                take = min(n - i, self.block - (pos - a))
+                cur.append((flat_p[i:i + take], pos))
                 i += take
-        close(b.offsets[-1] + b.live[-1].numel())
+        flush()
         b.plan = plan
         b.ptrs = b.live_ptrs()
 
