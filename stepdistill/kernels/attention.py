@@ -15,7 +15,6 @@ TRITON_INTERPRET=1 (fp32). `attention_reference` is the pure-torch ground truth.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable
 
@@ -280,7 +279,7 @@ class _FlashAttention(torch.autograd.Function):
         o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
         bias_t, sb = _bias_view(bias, q, k)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        prec = "ieee" if q.dtype == torch.float32 else None  # None: the backend default for fp16/bf16
         args = (q, k, v, bias_t, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *sb,
                 h, lq, lk, d, scale * LOG2E)
         _launch(_attn_fwd_tuned, _attn_fwd, lambda m, n: triton.cdiv(lq, m), b * h, args,
@@ -299,7 +298,7 @@ class _FlashAttention(torch.autograd.Function):
         # Gradients share their input's strides: the kernels address both with one set of strides.
         dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
         bias_t, sb = _bias_view(bias, q, k)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        prec = "ieee" if q.dtype == torch.float32 else None  # None: the backend default for fp16/bf16
         meta = dict(HAS_BIAS=bias is not None, PREC=prec, BLOCK_D=_block_d(d))
         common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *sb,
                   h, lq, lk, d, ctx.scale * LOG2E, ctx.scale)
