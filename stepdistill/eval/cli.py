@@ -194,7 +194,7 @@ def cmd_fid(args) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fid", help="FID / KID / precision-recall / CLIP score of folders, pipelines, statistics",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="A B", help="A (samples) and B (reference); see below")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="A (samples) then B (reference); see below")
     p.add_argument("--metrics", default="fid", help="comma list of fid, kid, prc (precision/recall), clip")
     p.add_argument("--extractor", default="auto",
                    help="auto, inception, digits, or any torch-fidelity extractor name (e.g. dinov2-vit-b-14)")
