@@ -97,9 +97,10 @@ def test_reference_statistics_are_cached_and_reused(reference, tmp_path, monkeyp
 
 def test_saved_statistics_stand_in_for_the_folder(reference, tmp_path):
     other = digits_folder(tmp_path / "other", range(200, 240), noise=0.2)
-    assert main(["fid", str(reference), "--extractor", "digits", "--save-stats", str(tmp_path / "ref.safetensors")]) == 0
+    stats = tmp_path / "ref.safetensors"
+    assert main(["fid", str(reference), "--extractor", "digits", "--save-stats", str(stats)]) == 0
     direct = fid_json(tmp_path, other, reference, "--extractor", "digits", "--metrics", "fid,kid")
-    via_stats = fid_json(tmp_path, other, tmp_path / "ref.safetensors", "--metrics", "fid,kid", name="s.json")
+    via_stats = fid_json(tmp_path, other, stats, "--metrics", "fid,kid", name="s.json")
     assert via_stats["extractor"] == DIGITS_EXTRACTOR  # chosen from the file
     assert via_stats["fid"] == pytest.approx(direct["fid"], rel=1e-9)
     assert via_stats["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-9)
@@ -117,7 +118,8 @@ def test_bad_inputs_are_named(class_teacher, uncond_teacher, reference, tmp_path
         tmp_path / "empty", reference, "--extractor", "digits")
     broken = digits_folder(tmp_path / "broken", range(5))
     (broken / "000003.png").write_bytes(b"\x89PNG not really")
-    assert f"cannot read image {broken / '000003.png'}" in error(broken, reference, "--extractor", "digits", "--no-cache")
+    msg = error(broken, reference, "--extractor", "digits", "--no-cache")
+    assert f"cannot read image {broken / '000003.png'}" in msg
     (tmp_path / "notes.txt").write_text("hi")
     assert "is a file but not a statistics file" in error(tmp_path / "notes.txt", reference)
     assert "give B too" in error(reference, "--extractor", "digits")
@@ -127,8 +129,8 @@ def test_bad_inputs_are_named(class_teacher, uncond_teacher, reference, tmp_path
 
     from stepdistill.eval.fid import Statistics
 
-    Statistics.from_features(torch.randn(5, 64), "stepdistill-digits:features:aaa", "a").save(tmp_path / "a.safetensors")
-    Statistics.from_features(torch.randn(5, 2048), "inception-fid-torchscript:2048:bbb", "b").save(tmp_path / "b.safetensors")
+    Statistics.from_features(torch.randn(5, 64), "stepdistill-digits:features:aa", "a").save(tmp_path / "a.safetensors")
+    Statistics.from_features(torch.randn(5, 2048), "inception-fid-torchscript:2048:b", "b").save(tmp_path / "b.safetensors")
     monkeypatch.setenv("STEPDISTILL_ASSETS", str(tmp_path))  # not opened: the mismatch is found first
     msg = error(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--extractor", "digits")
     assert "mismatched statistics" in msg and "a was embedded with stepdistill-digits" in msg

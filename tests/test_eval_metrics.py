@@ -23,7 +23,8 @@ def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
     mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
     s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
-    assert frechet_distance(gaussian(mu1, np.diag(s1)), gaussian(mu2, np.diag(s2))) == pytest.approx(expected, rel=1e-10)
+    fid = frechet_distance(gaussian(mu1, np.diag(s1)), gaussian(mu2, np.diag(s2)))
+    assert fid == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_of_general_gaussians_matches_the_matrix_square_root_form():

@@ -111,6 +111,7 @@ def describe(inp: Input) -> str:
 
 
 def cmd_fid(args) -> None:
+    from .features import DIGITS_EXTRACTOR
     from .fid import METRICS, Statistics, cached_statistics, compute_metrics, create_extractor, default_device, \
         extract, world
     from .report import append_markdown, format_table, plot_runs, write_json
@@ -146,8 +147,6 @@ def cmd_fid(args) -> None:
     extractor = None
     if binary or args.save_stats:
         extractor = create_extractor(*choose_extractor(args, inputs), device=device)
-    from .features import DIGITS_EXTRACTOR
-
     batch_size = args.batch_size or (250 if extractor is not None and extractor.name == DIGITS_EXTRACTOR else 64)
     scorer = None
     if "clip" in metrics:
@@ -174,8 +173,8 @@ def cmd_fid(args) -> None:
         if rank == 0:
             print(f"statistics of {describe(a)} written to {stats[0].save(args.save_stats)}")
     if len(stats) == 2 and binary:
-        record = {**compute_metrics(stats[0], stats[1], binary, args.kid_subsets, args.kid_subset_size, args.seed + 2020),
-                  **record}
+        measured = compute_metrics(stats[0], stats[1], binary, args.kid_subsets, args.kid_subset_size, args.seed + 2020)
+        record = {**measured, **record}
     if rank != 0 or not record:
         return
     record.update({"a": describe(a), "b": describe(inputs[1]) if len(inputs) > 1 else None,

@@ -43,7 +43,7 @@ class CLIPScorer:
             images = images.expand(-1, 3, -1, -1)
         pixels = self.processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt")["pixel_values"]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = self.model(input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device),
-                         pixel_values=pixels.to(self.device, self.model.dtype))
+        text = {k: v.to(self.device) for k, v in text.items() if k in ("input_ids", "attention_mask")}
+        out = self.model(**text, pixel_values=pixels.to(self.device, self.model.dtype))
         cos = torch.nn.functional.cosine_similarity(out.image_embeds.float(), out.text_embeds.float(), dim=-1)
         return (100 * cos).clamp(min=0).cpu()

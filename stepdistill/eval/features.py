@@ -195,7 +195,8 @@ def assets_inception_path() -> Path | None:
 
 
 def offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0", "false", "False") for k in ("STEPDISTILL_OFFLINE", "HF_HUB_OFFLINE"))
+    flags = (os.environ.get(k, "") for k in ("STEPDISTILL_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(v not in ("", "0", "false", "False") for v in flags)
 
 
 def resolve_inception(weights: str | Path | None = None) -> tuple[str, str | None]:
