@@ -1,11 +1,18 @@
 """Shared test setup. Triton kernels run on the CPU through the interpreter, which must be
 switched on before triton is first imported."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# FID reference statistics (stepdistill.eval) go to a throw-away cache, not ~/.cache/stepdistill
+if "STEPDISTILL_CACHE" not in os.environ:
+    os.environ["STEPDISTILL_CACHE"] = tempfile.mkdtemp(prefix="stepdistill-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["STEPDISTILL_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
