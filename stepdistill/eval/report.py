@@ -84,7 +84,7 @@ def read_runs(paths) -> dict[str, dict[int, float]]:
 
 
 def plot_runs(paths, out: str | Path, title: str | None = None) -> Path:
-    """FID against steps (NFE, log scale) for every run, in one PNG."""
+    """FID against steps (log scale, as is FID when it spans decades) for every run, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +98,9 @@ def plot_runs(paths, out: str | Path, title: str | None = None) -> Path:
         all_steps.update(steps)
         ax.plot(steps, [pts[s] for s in steps], marker="o", label=label)
     ax.set_xscale("log")
+    values = [v for pts in runs.values() for v in pts.values()]
+    if min(values) > 0 and max(values) > 10 * min(values):  # FID spans decades between 1 and 50 steps
+        ax.set_yscale("log")
     ax.set_xticks(sorted(all_steps))
     ax.set_xticklabels([str(s) for s in sorted(all_steps)])
     ax.minorticks_off()
