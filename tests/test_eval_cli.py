@@ -113,6 +113,7 @@ def test_bad_inputs_are_named(class_teacher, uncond_teacher, reference, tmp_path
 
     assert f"image folder {tmp_path / 'nope'} does not exist" in error(tmp_path / "nope", reference, "--extractor",
                                                                          "digits")
+    assert "nope/x does not exist here, and as a hub pipeline id it did not load" in error("nope/x", reference)
     (tmp_path / "empty").mkdir()
     assert f"no images (.png, .jpg, .jpeg, .webp, .bmp) directly inside {tmp_path / 'empty'}" in error(
         tmp_path / "empty", reference, "--extractor", "digits")

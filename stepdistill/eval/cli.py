@@ -70,8 +70,14 @@ def resolve_input(spec: str, args, device, save_dir) -> Input:
         return Input(spec, stats=Statistics.load(path))
     looks_hub = not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if (path / "model_index.json").is_file() or looks_hub:
-        source, desc = pipeline_source(spec, args.num_samples, args.steps, args.seed, args.guidance, args.classes,
-                                       args.prompts, device, DTYPES[args.dtype], save_dir, args.label)
+        try:
+            source, desc = pipeline_source(spec, args.num_samples, args.steps, args.seed, args.guidance, args.classes,
+                                           args.prompts, device, DTYPES[args.dtype], save_dir, args.label)
+        except StepdistillError as e:
+            if not looks_hub:
+                raise
+            raise StepdistillError(f"{spec} does not exist here, and as a hub pipeline id it did not load ({e})") \
+                from None
         return Input(spec, source=source, desc=desc)
     return Input(spec, source=FolderSource(path, args.resolution))
 
