@@ -38,11 +38,15 @@ def alexnet_features_path(path: str | Path | None = None) -> Path:
 
 def lpips_network(path: str | Path | None = None) -> nn.Module:
     """lpips.LPIPS(net="alex") with its AlexNet slices loaded from the local safetensors file, frozen."""
+    import warnings
+
     import lpips
     from safetensors.torch import load_file
 
     weights = load_file(str(alexnet_features_path(path)))
-    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
     # LPIPS's slices hold torchvision's features[i] under the name str(i)
     for slice_ in (getattr(net.net, f"slice{k}") for k in range(1, net.net.N_slices + 1)):
         for name, layer in slice_.named_children():
