@@ -144,15 +144,26 @@ def sd15_scheduler() -> DDIMScheduler:
                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def save_sd15_teacher(path: Path) -> Path:
+def small_sd15_unet(size: int = 16) -> UNet2DConditionModel:
+    """An SD1.5-shaped UNet (three cross-attention levels, two layers per block) of about 7M parameters,
+    for benchmarks where the tiny one is too small to show memory differences."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=size, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(64, 128, 128), norm_num_groups=32, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16)
+
+
+def save_sd15_teacher(path: Path, unet: UNet2DConditionModel | None = None) -> Path:
     """A tiny StableDiffusionPipeline (CLIP text, 4-channel latents, cross-attention UNet)."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     tok = tiny_tokenizer(path.parent / f"{path.name}-tok")
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_clip(len(tok)), tokenizer=tok,
-                                   unet=tiny_text_unet(cross_dim=16), scheduler=sd15_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   unet=unet or tiny_text_unet(cross_dim=16), scheduler=sd15_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
 
