@@ -158,3 +158,30 @@ class TestSD15LCMLoRASuite(DistillerSuite):
     @classmethod
     def extra_overrides(cls, request):
         return _folder(request)
+
+
+def test_lora_only_export_writes_adapters_and_scheduler(sd15_teacher, request, tmp_path):
+    cfg = tiny_config("sd15/lcm_lora.yaml", sd15_teacher, tmp_path, "train.max_steps=1", "train.mixed_precision='no'",
+                      "train.batch_size=2", "export.lora_only=true", *LORA, *_folder(request))
+    run(cfg)
+    student = Path(cfg.output_dir) / "student"
+    assert (student / "pytorch_lora_weights.safetensors").is_file() and not (student / "model_index.json").exists()
+    assert LCMScheduler.from_pretrained(student, subfolder="scheduler").config.original_inference_steps == 50
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_teacher)
+    pipe.load_lora_weights(student)
+    assert "load_lora_weights" in (student / "README.md").read_text()
+
+
+def test_train_consistency_script(class_teacher, tmp_path):
+    import importlib.util
+
+    from stepdistill.paths import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_consistency", PROJECT_ROOT / "scripts" / "train_consistency.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--config", str(PROJECT_ROOT / "training_configs/digits/tcd.yaml"), f"teacher={class_teacher}",
+            f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=4", "train.report_to=none",
+            "train.progress_bar=false", "train.num_sample_images=2"]
+    assert script.main(args) == 0 and (tmp_path / "student" / "model_index.json").is_file()
+    assert script.main([*args, "distill.gamma=2"]) == 2  # a bad value stops with a message, no traceback
