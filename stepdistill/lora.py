@@ -91,6 +91,10 @@ def save_lora(pipeline_class, model_key: str, model: nn.Module, out_dir: str | P
     try:
         pipeline_class.save_lora_weights(out_dir, **kwargs, **{f"{model_key}_lora_adapter_metadata": lora_metadata(model)},
                                          safe_serialization=True)
-    except TypeError:  # older diffusers without adapter metadata: alpha must then equal the rank
+    except TypeError:  # a diffusers without adapter metadata assumes alpha = rank when loading
+        cfg = model.peft_config["default"]
+        if cfg.lora_alpha != cfg.r:
+            raise StepdistillError(f"this diffusers cannot store LoRA alpha ({cfg.lora_alpha}) != rank ({cfg.r}); "
+                                   "upgrade diffusers or train with distill.lora_alpha equal to the rank") from None
         pipeline_class.save_lora_weights(out_dir, **kwargs, safe_serialization=True)
     return out_dir
