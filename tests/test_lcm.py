@@ -185,3 +185,13 @@ def test_train_consistency_script(class_teacher, tmp_path):
             "train.progress_bar=false", "train.num_sample_images=2"]
     assert script.main(args) == 0 and (tmp_path / "student" / "model_index.json").is_file()
     assert script.main([*args, "distill.gamma=2"]) == 2  # a bad value stops with a message, no traceback
+
+
+class TestSDXLLCMLoRASuite(DistillerSuite):
+    config_file = "sdxl/lcm_lora.yaml"
+    teacher = "sdxl_teacher"
+    overrides = ("train.mixed_precision='no'", "train.batch_size=2", *LORA)
+
+    @classmethod
+    def extra_overrides(cls, request):
+        return _folder(request)
