@@ -5,8 +5,9 @@ same config, on a tiny SD1.5-shaped pipeline built offline (tests/tiny_models.py
     python benchmarks/bench_lcm_lora.py --sizes small --steps 30 --batch 4
 
 Each (size, mode) runs in its own process, so peak memory is that run's alone: on CUDA the peak of
-torch.cuda.max_memory_allocated during the timed steps, on CPU the rise of the process's peak RSS over its
-RSS just before training. The step is the trainer's: teacher CFG step, student and target forward,
+torch.cuda.max_memory_allocated over the training steps, on CPU the process's peak resident set (VmHWM,
+reset through /proc/self/clear_refs just before training) above its resident set at that moment; the
+absolute peak is reported too. The step is the trainer's: teacher CFG step, student and target forward,
 backward, clipping, AdamW and the EMA update. Prints a markdown table with LoRA / full ratios.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,9 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
 
 
 def measure(size: str, mode: str, steps: int, warmup: int, batch: int) -> dict:
@@ -65,11 +75,13 @@ def measure(size: str, mode: str, steps: int, warmup: int, batch: int) -> dict:
     data = batch_iterator(dataset, batch, cfg.seed, 0, 0, 1)
     cuda = torch.cuda.is_available()
     times = []
-    rss0 = rss_bytes()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
     for step in range(steps + warmup):
-        if step == warmup and cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         loss = model(next(data), step)["student"]
         acc.backward(loss)
@@ -82,12 +94,11 @@ def measure(size: str, mode: str, steps: int, warmup: int, batch: int) -> dict:
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0))
+    peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
     params = list(distiller.student.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return {"size": size, "mode": mode, "device": "cuda" if cuda else "cpu", "step_s": statistics.median(times),
-            "peak_bytes": peak, "trainable_params": trainable, "total_params": sum(p.numel() for p in params),
+            "peak_bytes": peak - base, "peak_abs_bytes": peak, "trainable_params": trainable, "total_params": sum(p.numel() for p in params),
             "optimizer_state_bytes": 2 * 4 * trainable}
 
 
@@ -112,16 +123,17 @@ def main(argv=None):
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"measured {size} {mode}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
-    print(f"| UNet | mode | device | trainable / total params | step (median of {args.steps}) | peak training memory | "
-          "LoRA / full: step, memory |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| UNet | mode | device | trainable / total params | step (median of {args.steps}) | "
+          "peak memory of training (above start) | peak (absolute) | LoRA / full: step, memory above start |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         full = next(r for r in rows if r["size"] == size and r["mode"] == "full")
         for r in (r for r in rows if r["size"] == size):
             ratio = (f"{r['step_s'] / full['step_s']:.2f}, {r['peak_bytes'] / max(full['peak_bytes'], 1):.2f}"
                      if r is not full else "1, 1")
             print(f"| {size} | {r['mode']} | {r['device']} | {r['trainable_params']:,} / {r['total_params']:,} | "
-                  f"{r['step_s'] * 1e3:.1f} ms | {r['peak_bytes'] / 2**20:.1f} MiB | {ratio} |")
+                  f"{r['step_s'] * 1e3:.1f} ms | {r['peak_bytes'] / 2**20:.1f} MiB | {r['peak_abs_bytes'] / 2**20:.0f} MiB "
+                  f"| {ratio} |")
 
 
 if __name__ == "__main__":
