@@ -57,7 +57,8 @@ def load_snippet(pipe, steps: int, lora: bool = False, lora_only: bool = False, 
     name = type(pipe).__name__
     if lora:
         where = "PATH" if lora_only else f"PATH/{LORA_DIR}"
-        return (f"from diffusers import {name}, {scheduler}\n"
+        home = "stepdistill" if isinstance(pipe, ClassConditionalPipeline) else "diffusers"
+        return (f"from diffusers import {scheduler}\nfrom {home} import {name}\n"
                 f"pipe = {name}.from_pretrained(TEACHER)\n"
                 f"pipe.scheduler = {scheduler}.from_pretrained(\"PATH\", subfolder=\"scheduler\")\n"
                 f"pipe.load_lora_weights(\"{where}\")\n"
