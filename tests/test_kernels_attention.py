@@ -5,7 +5,7 @@ in fp32 with 16x16 blocks, so the small shapes below still cross block edges, pa
 (8 -> 16, 40 -> 64, 80 -> 128, 160 -> 256) and mask ragged key lengths. Tolerances: kernel
 (fp32) vs reference (fp64): 2e-5 absolute on outputs and gradients; whole tiny models with the
 Triton processor vs diffusers' SDPA processor (both fp32): 1e-4 absolute.
-The fp16/bf16 numerics on a GPU are in test_cuda_kernels_fp16_bf16 (skipped without CUDA).
+The fp16/bf16 numerics on a GPU are in test_cuda_kernels_fp16_bf16 (marker `cuda`: deselected by default, run with `pytest -m cuda` on a GPU).
 """
 
 import copy
@@ -340,7 +340,7 @@ _CUDA_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: compiled fp16/bf16 kernel numerics need a GPU")
+@pytest.mark.cuda
 def test_cuda_kernels_fp16_bf16():
     """Compiled kernels (not the interpreter) on a GPU: fp16/bf16 vs an fp32 reference, relative to max |ref|."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -4,7 +4,7 @@ reference and torch._foreach_lerp_, with several rates, bf16 live parameters and
 Tolerance: 1e-6 absolute and relative on fp32 shadows after a few steps (the kernels compute
 s + w * (x - s), the reference decay * s + (1 - decay) * x: they differ by an ulp or two).
 Small chunk/block sizes make the tiny tensors below cross every chunk and block edge.
-The compiled kernel on a GPU is in test_cuda_fused_ema (skipped without CUDA).
+The compiled kernel on a GPU is in test_cuda_fused_ema (marker `cuda`: deselected by default, run with `pytest -m cuda` on a GPU).
 """
 
 import copy
@@ -218,7 +218,7 @@ _CUDA_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the compiled EMA kernel needs a GPU")
+@pytest.mark.cuda
 def test_cuda_fused_ema():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True, text=True, timeout=600)
