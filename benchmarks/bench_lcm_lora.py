@@ -7,7 +7,8 @@ same config, on a tiny SD1.5-shaped pipeline built offline (tests/tiny_models.py
 Each (size, mode) runs in its own process, so peak memory is that run's alone: on CUDA the peak of
 torch.cuda.max_memory_allocated over the training steps, on CPU the process's peak resident set (VmHWM,
 reset through /proc/self/clear_refs just before training) above its resident set at that moment; the
-absolute peak is reported too. The step is the trainer's: teacher CFG step, student and target forward,
+absolute peak is reported too. CPU children run with MALLOC_MMAP_THRESHOLD_=131072, which stops glibc from
+raising its mmap threshold and keeping freed tensor memory, so the resident set follows live tensors. The step is the trainer's: teacher CFG step, student and target forward,
 backward, clipping, AdamW and the EMA update. Prints a markdown table with LoRA / full ratios.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -120,7 +122,8 @@ def main(argv=None):
         for mode in [f"lora{r}" for r in args.ranks] + ["full"]:
             out = subprocess.run([sys.executable, __file__, "--child", size, mode, "--steps", str(args.steps),
                                   "--warmup", str(args.warmup), "--batch", str(args.batch)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"measured {size} {mode}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     print(f"| UNet | mode | device | trainable / total params | step (median of {args.steps}) | "
