@@ -110,3 +110,26 @@ def test_every_architecture_runs_through_the_denoiser(name):
         raw = call_model(model, x, den.schedule.model_timestep(t), cond)
     assert x0.shape == x.shape and torch.isfinite(x0).all()
     assert raw.shape == x.shape  # DiT's learned-sigma half is dropped
+
+
+def test_latent_codec_applies_the_vae_scaling_and_shift():
+    from diffusers import AutoencoderKL
+
+    from stepdistill.conditioning import LatentCodec
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        scaling_factor=0.5, shift_factor=0.1).eval()
+    codec = LatentCodec(vae)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+        z = (mean - 0.1) * 0.5
+        torch.testing.assert_close(codec.decode(z), vae.decode(mean).sample, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(1)
+    lat = codec.encode(images)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = (vae.encode(images).latent_dist.sample() - 0.1) * 0.5
+    torch.testing.assert_close(lat, expected)

@@ -9,36 +9,32 @@ from stepdistill.schedules import FlowSchedule, VPSchedule
 from tiny_models import tiny_unet
 
 
+def _diffusers_vs_ours(sched, steps, spacing="trailing", clip_x0=None):
+    """Max difference between diffusers' DDIM loop and stepdistill's sampler on the same model and noise."""
+    model = tiny_unet()
+    sched.set_timesteps(steps)
+    den = denoiser_for(model, sched.config)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t).sample, t, x).prev_sample
+        ours = solvers.sample(den, noise, den.schedule.sampling_grid(steps, spacing), clip_x0=clip_x0)
+    return (ours - x).abs().max().item()
+
+
 @pytest.mark.parametrize("spacing,alpha_one", [("trailing", True), ("leading", True), ("leading", False)])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_50_step_ddim_matches_diffusers(spacing, alpha_one, prediction_type):
-    model = tiny_unet()
     sched = DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False,
                           timestep_spacing=spacing, set_alpha_to_one=alpha_one)
-    sched.set_timesteps(50)
-    den = denoiser_for(model, sched.config)
-    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = noise
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(model(x, t).sample, t, x).prev_sample
-        ours = solvers.sample(den, noise, den.schedule.sampling_grid(50, spacing))
-    assert (ours - x).abs().max().item() < 1e-4
+    assert _diffusers_vs_ours(sched, 50, spacing) < 1e-4
 
 
 def test_ddim_with_clipping_matches_diffusers_clip_sample():
-    model = tiny_unet()
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True,
                           timestep_spacing="trailing")
-    sched.set_timesteps(4)
-    den = denoiser_for(model, sched.config)
-    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = noise
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(model(x, t).sample, t, x).prev_sample
-        ours = solvers.sample(den, noise, den.schedule.sampling_grid(4), clip_x0=1.0)
-    assert (ours - x).abs().max().item() < 1e-4
+    assert _diffusers_vs_ours(sched, 4, clip_x0=1.0) < 1e-4
 
 
 class GaussianEps(nn.Module):
