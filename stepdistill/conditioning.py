@@ -47,6 +47,9 @@ class Conditioner:
         """Raw conditions for sample grids (what a data batch would hold)."""
         return {}
 
+    def prepare(self, data_config) -> None:
+        """Take the run's data settings (e.g. text-embedding caching); nothing to do for most conditioners."""
+
 
 class ClassConditioner(Conditioner):
     """Class labels passed as `class_labels`, with one label index reserved for 'no class'."""
@@ -80,6 +83,9 @@ class PixelCodec(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def differentiable_decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
 
 class LatentCodec(nn.Module):
     """A VAE with the pipeline's scaling (and SD3/Flux shift) factor."""
@@ -99,6 +105,10 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, x):
+        return self.differentiable_decode(x)
+
+    def differentiable_decode(self, x):
+        """Latents -> images with gradients flowing to x (the VAE itself stays frozen), for image-space losses."""
         return self.vae.decode((x / self.scale + self.shift).to(self.vae.dtype)).sample.float()
 
 

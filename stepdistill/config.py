@@ -46,6 +46,8 @@ class DataConfig:
     resolution: int | None = option(None, "image size for dataset=folder (defaults to the teacher's sample size)")
     num_workers: int = option(0, "DataLoader worker processes")
     cache_text_embeddings: bool = option(True, "encode each prompt once and keep the embeddings in memory")
+    text_embeddings: str | None = option(None, "safetensors file of precomputed prompt embeddings "
+                                               "(stepdistill.text.precompute_text_embeddings); its prompts skip the text encoders")
 
     def __post_init__(self):
         check_range("data.num_workers", self.num_workers, 0)

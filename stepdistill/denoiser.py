@@ -59,12 +59,19 @@ def cond_batch_size(cond) -> int | None:
     return None
 
 
+def _cast_floats(cond, dtype):
+    """Floating tensors of a (possibly nested, as SDXL's added_cond_kwargs) condition dict in the model's dtype."""
+    if isinstance(cond, dict):
+        return {k: _cast_floats(v, dtype) for k, v in cond.items()}
+    return cond.to(dtype) if isinstance(cond, torch.Tensor) and cond.is_floating_point() else cond
+
+
 def call_model(model: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
     """Run a diffusers UNet or transformer with the keyword names it expects; drop a learned-sigma half."""
     cond = dict(cond or {})
     dtype = next(model.parameters()).dtype
     x_in = x.to(dtype)
-    cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+    cond = _cast_floats(cond, dtype)
     timestep = timestep.to(x.device)
     if _first_forward_arg(model) == "hidden_states":  # Transformer2DModel (DiT), SD3Transformer2DModel, ...
         out = model(hidden_states=x_in, timestep=timestep, **cond, return_dict=False)[0]

@@ -10,9 +10,11 @@ from pathlib import Path
 from torch import nn
 
 from . import __version__
+from .lora import has_lora, merged_copy, save_lora
 from .pipelines import ClassConditionalPipeline
 
 CARD_FILE = "stepdistill.json"
+LORA_DIR = "lora"  # a LoRA student's adapters, beside the merged pipeline
 
 
 def build_student_pipeline(teacher, student: nn.Module, scheduler, steps: int):
@@ -51,8 +53,17 @@ The full training config is in `{CARD_FILE}`.
 """
 
 
-def load_snippet(pipe, steps: int) -> str:
+def load_snippet(pipe, steps: int, lora: bool = False, lora_only: bool = False, scheduler: str = "") -> str:
     name = type(pipe).__name__
+    if lora:
+        where = "PATH" if lora_only else f"PATH/{LORA_DIR}"
+        home = "stepdistill" if isinstance(pipe, ClassConditionalPipeline) else "diffusers"
+        return (f"from diffusers import {scheduler}\nfrom {home} import {name}\n"
+                f"pipe = {name}.from_pretrained(TEACHER)\n"
+                f"pipe.scheduler = {scheduler}.from_pretrained(\"PATH\", subfolder=\"scheduler\")\n"
+                f"pipe.load_lora_weights(\"{where}\")\n"
+                "pipe.fuse_lora()  # optional: merge the adapters\n"
+                f"images = pipe(..., num_inference_steps={steps}, guidance_scale=1.0).images")
     if isinstance(pipe, ClassConditionalPipeline):
         return ("from stepdistill import ClassConditionalPipeline\n"
                 "pipe = ClassConditionalPipeline.from_pretrained(PATH)\n"
@@ -63,17 +74,29 @@ def load_snippet(pipe, steps: int) -> str:
 
 
 def export_student(distiller, out_dir: str | Path, steps: int, model: nn.Module | None = None,
-                   config: dict | None = None, metrics: list | None = None) -> Path:
-    """Save the student (or given weights, e.g. an EMA shadow) as a loadable pipeline directory."""
+                   config: dict | None = None, metrics: list | None = None, lora_only: bool = False) -> Path:
+    """Save the student (or given weights, e.g. an EMA shadow) as a loadable pipeline directory.
+
+    A LoRA student is written twice: its adapters in `lora/` (diffusers' `load_lora_weights` format, for the
+    teacher pipeline) and merged into the network as a whole pipeline; with `lora_only`, the adapters and the
+    scheduler alone go to `out_dir`."""
     out_dir = Path(out_dir)
     teacher = distiller.teacher_info
-    student = copy.deepcopy(model if model is not None else distiller.student).eval()
-    dtype = next(teacher.model.parameters()).dtype
-    if next(student.parameters()).dtype != dtype:
-        student.to(dtype)
+    source = model if model is not None else distiller.student
     scheduler = distiller.export_scheduler(steps)
-    pipe = build_student_pipeline(teacher, student, scheduler, steps)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    lora = has_lora(source)
+    if lora:
+        save_lora(type(teacher.pipeline), teacher.model_key, source, out_dir if lora_only else out_dir / LORA_DIR)
+    if lora and lora_only:
+        scheduler.save_pretrained(out_dir / "scheduler")
+        pipe = teacher.pipeline
+    else:
+        student = (merged_copy(source) if lora else copy.deepcopy(source)).eval()
+        dtype = next(teacher.model.parameters()).dtype
+        if next(student.parameters()).dtype != dtype:
+            student.to(dtype)
+        pipe = build_student_pipeline(teacher, student, scheduler, steps)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
     card = {
         "method": distiller.name,
         "paper": distiller.paper,
@@ -83,7 +106,7 @@ def export_student(distiller, out_dir: str | Path, steps: int, model: nn.Module 
         "scheduler": type(scheduler).__name__,
         "stepdistill_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load": load_snippet(pipe, steps),
+        "load": load_snippet(pipe, steps, lora=lora, lora_only=lora_only, scheduler=type(scheduler).__name__),
         "config": config or {},
         "metrics": metrics or [],
         **distiller.model_card(),

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .conditioning import guidance_embedding
 from .denoiser import call_model
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
-    """Class-conditional image generation with classifier-free guidance or a guidance embedding."""
+class ClassConditionalPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Class-conditional image generation with classifier-free guidance or a guidance embedding.
+
+    UNet LoRAs load as for Stable Diffusion: `pipe.load_lora_weights(dir)`, then `pipe.fuse_lora()`."""
 
     model_cpu_offload_seq = "unet"
+    _lora_loadable_modules = ["unet", "text_encoder"]
+    text_encoder = None  # the LoRA loader looks for one; class-conditional pipelines have none
 
     def __init__(self, unet, scheduler, null_class: int | None = None, num_classes: int = 10,
                  default_steps: int = 50):

@@ -26,6 +26,9 @@ from .teacher import load_teacher
 # method name -> config file under training_configs/digits/
 QUICKSTART_CONFIGS = {
     "cd": "consistency.yaml",
+    "lcm": "lcm.yaml",
+    "tcd": "tcd.yaml",
+    "pcm": "pcm.yaml",
 }
 TEACHER_STEPS = (1, 2, 4, 50)
 

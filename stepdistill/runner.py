@@ -20,6 +20,7 @@ def build(cfg: RunConfig):
     """Teacher, distiller and dataset for a config (seeded, so student initialisation is reproducible)."""
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher)
+    teacher.conditioner.prepare(cfg.data)
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
     apply_attention_backend(distiller, cfg.kernels.attention)  # teacher, student and auxiliary networks
     dataset = build_dataset(cfg.data, teacher)
@@ -41,7 +42,7 @@ def run(cfg: RunConfig, evaluator=None) -> Trainer:
     trainer.train()
     if trainer.accelerator.is_main_process:
         export_student(distiller, student_dir(cfg), cfg.export.steps[0], model=trainer.export_module(),
-                       config=to_dict(cfg))
+                       config=to_dict(cfg), lora_only=cfg.export.lora_only)
         for steps in cfg.export.steps:
             trainer.sample_grid(out / "samples" / f"student-{steps}step.png", steps)
     trainer.finish()
@@ -68,5 +69,6 @@ def export_run(run_dir, steps: int | None = None, weights: str | None = None, ou
     trainer = Trainer(distiller, dataset, cfg)
     trainer.load_checkpoint(latest)
     out = Path(out) if out else student_dir(cfg)
-    export_student(distiller, out, steps or cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg))
+    export_student(distiller, out, steps or cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg),
+                   lora_only=cfg.export.lora_only)
     return out

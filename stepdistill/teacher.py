@@ -80,6 +80,18 @@ def pipeline_class_for(path: Path):
     return getattr(pipelines, name, DiffusionPipeline)
 
 
+def absent_components(path: Path, cls) -> dict:
+    """Components the pipeline class takes but the folder saved as absent (e.g. SD3 without T5): passed as None."""
+    import diffusers
+
+    index = json.loads((path / "model_index.json").read_text())
+    pipe_cls = cls if cls is not diffusers.DiffusionPipeline else getattr(diffusers, index.get("_class_name", ""), None)
+    if pipe_cls is None:
+        return {}
+    expected, _ = pipe_cls._get_signature_keys(pipe_cls)
+    return {k: None for k in expected if index.get(k, [None, None]) == [None, None]}
+
+
 def load_pipeline(source: str, torch_dtype=None):
     """A diffusers pipeline from a local directory or hub id, with safetensors enforced."""
     from diffusers import DiffusionPipeline
@@ -89,6 +101,7 @@ def load_pipeline(source: str, torch_dtype=None):
     if not path.exists() and looks_local:
         raise StepdistillError(f"teacher {source!r} not found: give a pipeline directory that exists or a hub id "
                                "like 'org/name'")
+    extra = {}
     if path.exists():
         if path.is_file():
             raise StepdistillError(
@@ -96,10 +109,11 @@ def load_pipeline(source: str, torch_dtype=None):
                 "(convert single-file checkpoints with DiffusionPipeline.from_single_file(...).save_pretrained(dir)).")
         check_safetensors(path)
         cls = pipeline_class_for(path)
+        extra = absent_components(path, cls)
     else:
         cls = DiffusionPipeline
     try:
-        return cls.from_pretrained(source, use_safetensors=True, torch_dtype=torch_dtype)
+        return cls.from_pretrained(source, use_safetensors=True, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         raise StepdistillError(f"could not load teacher pipeline {source!r}: {e}") from None
 

@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "STEPDISTILL_CACHE" not in os.environ:
     os.environ["STEPDISTILL_CACHE"] = tempfile.mkdtemp(prefix="stepdistill-test-cache-")
     atexit.register(shutil.rmtree, os.environ["STEPDISTILL_CACHE"], ignore_errors=True)
+# the offline LPIPS backbone (CI exports the same folder; see ../shared/assets/README.md)
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "assets")
+if os.path.isdir(_ASSETS):
+    os.environ.setdefault("STEPDISTILL_ASSETS", os.path.normpath(_ASSETS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,3 +39,43 @@ def uncond_teacher(tmp_path_factory):
     from tiny_models import save_unconditional_teacher
 
     return save_unconditional_teacher(tmp_path_factory.mktemp("teachers") / "uncond")
+
+
+@pytest.fixture(scope="session")
+def sd15_teacher(tmp_path_factory):
+    """A saved tiny StableDiffusionPipeline (epsilon, scaled_linear, CLIP text)."""
+    from tiny_models import save_sd15_teacher
+
+    return save_sd15_teacher(tmp_path_factory.mktemp("teachers") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_teacher(tmp_path_factory):
+    """A saved tiny StableDiffusionXLPipeline (two CLIP encoders, added_cond_kwargs)."""
+    from tiny_models import save_sdxl_teacher
+
+    return save_sdxl_teacher(tmp_path_factory.mktemp("teachers") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd3_teacher(tmp_path_factory):
+    """A saved tiny StableDiffusion3Pipeline (flow matching, shift 3, CLIP-L/G without T5)."""
+    from tiny_models import save_sd3_teacher
+
+    return save_sd3_teacher(tmp_path_factory.mktemp("teachers") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def caption_folder(tmp_path_factory):
+    """Eight 16x16 RGB images with captions (metadata.jsonl)."""
+    from tiny_models import write_caption_folder
+
+    return write_caption_folder(tmp_path_factory.mktemp("data") / "captions")
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    """A prompt list for data-free distillation."""
+    from tiny_models import write_prompt_file
+
+    return write_prompt_file(tmp_path_factory.mktemp("data") / "prompts.txt")

@@ -2,7 +2,8 @@
 checkpoints, resumes, exports, and the export loads and samples.
 
 A method's test file subclasses DistillerSuite and sets `config_file` (a real file under
-training_configs/) and, if needed, `teacher` (the fixture name) and `overrides`.
+training_configs/) and, if needed, `teacher` (the fixture name) and `overrides`; overrides that
+need other fixtures (a data folder) come from the `extra_overrides(request)` hook.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ class DistillerSuite:
     teacher: str = "class_teacher"
     overrides: tuple = ()
 
+    @classmethod
+    def extra_overrides(cls, request) -> list[str]:
+        return []
+
     @pytest.fixture(scope="class")
     @classmethod
     def finished(cls, request, tmp_path_factory):
         teacher = request.getfixturevalue(cls.teacher)
         out = tmp_path_factory.mktemp(cls.config_file.replace("/", "-"))
         cfg = tiny_config(cls.config_file, teacher, out, "train.max_steps=2", "train.checkpoint_every=1",
-                          "train.keep_checkpoints=3", *cls.overrides)
+                          "train.keep_checkpoints=3", *cls.overrides, *cls.extra_overrides(request))
         return cfg, run(cfg)
 
     def test_trains_with_finite_losses(self, finished):
@@ -54,6 +59,9 @@ class DistillerSuite:
         g = torch.Generator().manual_seed(0)
         if isinstance(pipe, ClassConditionalPipeline):
             images = pipe(class_labels=[1, 2], num_inference_steps=steps, generator=g, output_type="np").images
+        elif getattr(pipe, "text_encoder", None) is not None:
+            images = pipe(prompt=["a red cat"] * 2, num_inference_steps=steps, generator=g, output_type="np",
+                          guidance_scale=1.0).images
         else:
             images = pipe(batch_size=2, num_inference_steps=steps, generator=g, output_type="np").images
         assert images.shape[0] == 2 and (images >= 0).all() and (images <= 1).all()

@@ -1,15 +1,29 @@
-"""Consistency distillation (Song et al. 2023) in the latent-consistency form (Luo et al. 2023).
+"""The consistency family: CD and LCM, TCD, and multi-phase consistency (PCM / Hyper-SD TSCD).
 
-The student is f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t) with the LCM boundary scalings
-on the network's own timestep (sigma_data 0.5, timestep scaling 10), which is exactly what
-diffusers' LCMScheduler applies at sampling, so the exported student loads in plain diffusers.
-Training pairs come from the teacher's skipping-step ODE step on a grid of N times
-(t_n = n / N; for T = 1000 and N = 50, timesteps 19, 39, ..., 999):
+All four share one training step (Song et al. 2023, Algorithm 2, in the latent-consistency form of
+Luo et al. 2023): draw a point t_n of an N-point skipping grid over the teacher's timesteps (for
+T = 1000 and N = 50, timesteps 19, 39, ..., 999; t_n = n / N), noise the data to x_{t_n}, take one
+teacher ODE step with classifier-free guidance w to x_{t_{n-1}}, and pull the student's map at
+(x_{t_n}, t_n) towards the target network's map at (x_{t_{n-1}}, t_{n-1}) under stop-gradient:
 
-    loss = d( f_theta(x_{t_n}, t_n),  sg f_target(Phi_teacher(x_{t_n}; t_n -> t_{n-1}), t_{n-1}) )
+    loss = d( f_theta(x_{t_n}, t_n -> s),  sg f_target(Phi_teacher^w(x_{t_n}; t_n -> t_{n-1}), t_{n-1} -> s) )
 
-where the target network is an EMA of the student (rate 0.95 by default) and d is the
-pseudo-Huber distance. t_0 = 0 is the clean end, where f is the identity.
+The methods differ only in where the map lands (s) and how it is written:
+
+- `cd` / `lcm`: s = 0, f = c_skip(t) x + c_out(t) x0_theta (LCM's boundary scalings, which LCMScheduler
+  applies at sampling). `lcm` adds LCM's defaults: w drawn per example and fed to the student as the
+  w-embedding (diffusers' `timestep_cond`), or baked in (LCM-LoRA).
+- `tcd` (Zheng et al. 2024): s drawn on the grid at or below t_{n-1}, f = the DDIM jump
+  a_s x0_theta + s_s eps_theta (the semi-linear form; f(x, t -> t) = x), sampled by TCD's strategic
+  stochastic sampling with gamma, exported with TCDScheduler.
+- `pcm` (Wang et al. 2024): the ODE is cut into K phases whose edges are the K-step sampling grid of the
+  exported scheduler; s = the lower edge of t_n's phase and the teacher step stops at that edge. A stage
+  plan (Hyper-SD, Ren et al. 2024) lowers K over training, e.g. 8 -> 4 -> 2 -> 1.
+
+Guidance convention: everywhere the diffusers scale w (uncond + w (cond - uncond), w = 1 is none). LCM's
+own w is this minus one; the w-embedding takes w - 1, as LatentConsistencyModelPipeline feeds it.
+Variance-preserving and flow-matching teachers differ only in a Timeline (the skipping grid, the boundary
+scalings, the sampling times and the diffusers scheduler), chosen once from the teacher's schedule.
 """
 
 from __future__ import annotations
@@ -20,13 +34,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler, TCDScheduler
 from torch import nn
 
 from .. import solvers
 from ..conditioning import guidance_embedding
 from ..config import check_range, option
+from ..denoiser import cond_batch_size
 from ..errors import ConfigError
+from ..lora import add_lora
+from ..schedules import FlowSchedule, VPSchedule, _bcast
 from .base import Distiller, DistillerConfig, register
 
 
@@ -36,7 +53,9 @@ class ConsistencyConfig(DistillerConfig):
     solver: Literal["ddim", "euler", "heun"] = option("ddim", "teacher ODE step across one skipping interval")
     target: Literal["ema", "online"] = option("ema", "target network: EMA of the student, or the student under stop-gradient")
     target_ema_decay: float = option(0.95, "EMA rate of the target network (LCM and CD: 0.95)")
-    loss: Literal["huber", "l2"] = option("huber", "distance d: elementwise pseudo-Huber sqrt(diff^2 + c^2) - c, or squared L2")
+    loss: Literal["huber", "l2", "lpips"] = option(
+        "huber", "distance d: elementwise pseudo-Huber sqrt(diff^2 + c^2) - c, squared L2, or LPIPS "
+        "(AlexNet from $STEPDISTILL_ASSETS; latents are decoded through the VAE first)")
     huber_c: float = option(0.001, "pseudo-Huber c (LCM: 0.001)")
     timestep_scaling: float = option(10.0, "boundary scalings use timestep * scaling (LCMScheduler's timestep_scaling)")
     sigma_data: float = option(0.5, "boundary scalings' sigma_data (LCMScheduler fixes 0.5)")
@@ -44,15 +63,78 @@ class ConsistencyConfig(DistillerConfig):
     guidance_scale_max: float = option(1.0, "upper end of the teacher CFG range (LCM: w in [5, 15] in its own convention = 6..16 here)")
     guidance_embedding: bool = option(False, "feed the CFG scale to the student as LCM's w-embedding (timestep_cond)")
     guidance_embedding_dim: int = option(256, "size of the w-embedding (time_cond_proj_dim)")
+    sample_guidance_scale: float | None = option(None, "scale the student's own sampler embeds (w-embedding students); "
+                                                       "default: guidance_scale_min")
+    lora_rank: int = option(0, "train a LoRA of this rank through peft instead of the whole network (0: full fine-tuning; LCM-LoRA: 64)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1; LCM-LoRA: 64)")
+    lora_target_modules: list[str] = option([], "layers that get adapters (default: LCM-LoRA's UNet list; "
+                                                "transformers: e.g. [to_q, to_k, to_v, to_out.0])")
+    data_free_steps: int = option(4, "prompt-only batches: x_{t_n} = teacher DDIM with guidance from pure noise at t = 1, "
+                                     "in this many steps")
 
     def __post_init__(self):
         check_range("distill.num_ddim_timesteps", self.num_ddim_timesteps, 2, 1000)
         check_range("distill.target_ema_decay", self.target_ema_decay, 0, 1)
         check_range("distill.huber_c", self.huber_c, 0, low_open=True)
         check_range("distill.guidance_scale_min", self.guidance_scale_min, 0)
+        check_range("distill.guidance_embedding_dim", self.guidance_embedding_dim, 2)
+        check_range("distill.lora_rank", self.lora_rank, 0)
+        check_range("distill.data_free_steps", self.data_free_steps, 1, 1000)
+        if self.lora_alpha is not None:
+            check_range("distill.lora_alpha", self.lora_alpha, 0, low_open=True)
         if self.guidance_scale_max < self.guidance_scale_min:
             raise ConfigError(f"distill.guidance_scale_max = {self.guidance_scale_max} is below "
                               f"distill.guidance_scale_min = {self.guidance_scale_min}")
+        if self.guidance_embedding and self.lora_rank:
+            raise ConfigError("distill.guidance_embedding needs a new input layer that a LoRA (distill.lora_rank > 0) "
+                              "cannot train; LCM-LoRA bakes guidance in: set guidance_embedding: false")
+
+
+@dataclass
+class LCMConfig(ConsistencyConfig):
+    """Latent consistency distillation (Luo et al. 2023); values from diffusers' train_lcm_distill_sd_wds.py."""
+
+    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d (LCM README commands: huber)")
+    guidance_scale_min: float = option(6.0, "lowest teacher CFG scale, diffusers convention (LCM: w_min = 5, its own convention)")
+    guidance_scale_max: float = option(16.0, "highest teacher CFG scale, diffusers convention (LCM: w_max = 15)")
+    guidance_embedding: bool = option(True, "LCM's w-conditioning (timestep_cond); off for LCM-LoRA")
+
+
+@dataclass
+class TCDConfig(ConsistencyConfig):
+    """Trajectory consistency distillation (Zheng et al. 2024, arXiv 2402.19159)."""
+
+    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d")
+    gamma: float = option(0.3, "strategic stochastic sampling's gamma (TCDScheduler's eta, default 0.3): "
+                               "0 = deterministic DDIM-like, 1 = LCM-like multistep")
+    guidance_scale_min: float = option(6.0, "lowest teacher CFG scale, diffusers convention (as LCM)")
+    guidance_scale_max: float = option(16.0, "highest teacher CFG scale, diffusers convention (as LCM)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("distill.gamma", self.gamma, 0, 1)
+
+
+@dataclass
+class PCMConfig(ConsistencyConfig):
+    """Phased consistency (Wang et al. 2024, arXiv 2405.18407) with Hyper-SD's stage plan (arXiv 2404.13686)."""
+
+    num_phases: int = option(4, "K: ODE segments, each with its own consistency target (PCM script: --multiphase 4)")
+    stage_phases: list[int] = option([], "Hyper-SD trajectory-segmented stages: K per stage, e.g. [8, 4, 2, 1] "
+                                         "(empty: num_phases throughout)")
+    stage_steps: int = option(0, "optimizer steps per stage; the last stage runs to the end (needed with stage_phases)")
+    target: Literal["ema", "online"] = option("online", "target network (PCM: the online student under stop-gradient)")
+    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d (PCM: huber, c = 0.001)")
+    guidance_scale_min: float = option(5.0, "lowest teacher CFG scale, diffusers convention (PCM: w_min = 4, LCM form)")
+    guidance_scale_max: float = option(6.0, "highest teacher CFG scale, diffusers convention (PCM: w_max = 5, LCM form)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("distill.num_phases", self.num_phases, 1, self.num_ddim_timesteps)
+        for k in self.stage_phases:
+            check_range("distill.stage_phases[]", k, 1, self.num_ddim_timesteps)
+        if self.stage_phases and self.stage_steps < 1 and len(self.stage_phases) > 1:
+            raise ConfigError("distill.stage_phases needs distill.stage_steps >= 1 (optimizer steps per stage)")
 
 
 def copy_student(model: nn.Module, **config_changes) -> nn.Module:
@@ -82,6 +164,112 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
     return torch.mean(d2 / (torch.sqrt(d2 + c * c) + c))
 
 
+def jump(denoiser, x, t, s, cond, pred=None):
+    """The DDIM (first-order exponential-integrator) map x_t -> x_s from the network's (x0, eps) at t.
+
+    jump(x, t, t) = x for every parameterization, and jump(x, t, 0) = x0."""
+    p = pred if pred is not None else denoiser.predict(x, t, cond)
+    a, sig = denoiser.alpha_sigma(s, x)
+    return a * p.x0 + sig * p.eps
+
+
+# ----------------------------------------------------------------------------- timelines
+
+
+class VPTimeline:
+    """Variance-preserving teachers: the skipping grid t_n = n / N over the T discrete timesteps,
+    LCM's boundary scalings, and diffusers' LCMScheduler / TCDScheduler / DDIMScheduler ('trailing')."""
+
+    def __init__(self, schedule: VPSchedule, config: ConsistencyConfig):
+        self.schedule, self.config = schedule, config
+        self.N = config.num_ddim_timesteps
+        if schedule.num_train_timesteps % self.N:
+            raise ConfigError(f"distill.num_ddim_timesteps = {self.N} must divide the teacher's "
+                              f"{schedule.num_train_timesteps} training timesteps")
+
+    def grid(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx.float() / self.N
+
+    def boundary(self, t: torch.Tensor):
+        """LCM's c_skip, c_out at the network timestep (LCMScheduler.get_scalings_for_boundary_condition_discrete)."""
+        scaled = self.schedule.model_timestep(t) * self.config.timestep_scaling
+        sd2 = self.config.sigma_data ** 2
+        return sd2 / (scaled ** 2 + sd2), scaled / (scaled ** 2 + sd2).sqrt()
+
+    def _picks(self, steps: int) -> torch.Tensor:
+        """LCM/TCD: `steps` points of the N-point grid, evenly spaced in index from the top (descending t)."""
+        if steps > self.N:
+            raise ConfigError(f"{steps} sampling steps exceed the {self.N}-point consistency grid")
+        idx = torch.arange(self.N, 0, -1)[torch.floor(torch.linspace(0, self.N, steps + 1)[:-1]).long()]
+        return self.grid(idx)
+
+    def consistency_times(self, steps):
+        return self._picks(steps)
+
+    def tcd_times(self, steps):
+        """TCDScheduler's times, then its final landing point: timestep 0 (not the clean end)."""
+        return torch.cat([self._picks(steps), self.schedule.t_of_timestep(torch.tensor([0])).float()])
+
+    def tcd_s(self, t_next: torch.Tensor, gamma: float) -> torch.Tensor:
+        """TCD's s = floor((1 - gamma) * prev_timestep), in the scheduler's integer timesteps."""
+        k = torch.floor((1 - gamma) * self.schedule.model_timestep(t_next).double())
+        return self.schedule.t_of_timestep(k).float()
+
+    def phase_edges(self, k: int) -> torch.Tensor:
+        """DDIM 'trailing' at k steps, ending at the clean end (the export sets set_alpha_to_one)."""
+        grid = self.schedule.sampling_grid(k, "trailing")
+        return torch.cat([grid[:-1], torch.zeros(1)])
+
+    def scheduler(self, kind: str, base_config, prediction_type: str):
+        common = dict(clip_sample=False, prediction_type=prediction_type, set_alpha_to_one=True)
+        if kind == "consistency":
+            return LCMScheduler.from_config(base_config, original_inference_steps=self.N,
+                                            timestep_scaling=self.config.timestep_scaling, **common)
+        if kind == "tcd":
+            return TCDScheduler.from_config(base_config, original_inference_steps=self.N, **common)
+        return DDIMScheduler.from_config(base_config, timestep_spacing="trailing", **common)
+
+
+class FlowTimeline:
+    """Flow-matching teachers (SD3): the grid t_n = shift(n / N); no boundary scalings, since the flow
+    parameterization x0 = x - t u already gives f(x, 0) = x; FlowMatchEulerDiscreteScheduler samples."""
+
+    def __init__(self, schedule: FlowSchedule, config: ConsistencyConfig):
+        self.schedule, self.config = schedule, config
+        self.N = config.num_ddim_timesteps
+
+    def grid(self, idx):
+        return self.schedule.shifted(idx.double() / self.N).float()
+
+    def boundary(self, t):
+        t = torch.as_tensor(t).float()
+        return torch.zeros_like(t), torch.ones_like(t)
+
+    def consistency_times(self, steps):
+        return self.schedule.sampling_grid(steps)[:-1]
+
+    def tcd_times(self, steps):
+        return self.schedule.sampling_grid(steps)
+
+    def tcd_s(self, t_next, gamma):
+        return (1 - gamma) * t_next
+
+    def phase_edges(self, k):
+        return self.schedule.sampling_grid(k)
+
+    def scheduler(self, kind: str, base_config, prediction_type: str):
+        # consistency sampling = FlowMatchEuler's stochastic_sampling (x0, then fresh noise at the next sigma);
+        # TCD with gamma = 1 is the same; TCD with gamma = 0 and PCM are the deterministic Euler step
+        stochastic = kind == "consistency" or (kind == "tcd" and self.config.gamma >= 1)
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config, stochastic_sampling=stochastic)
+
+
+TIMELINES = {VPSchedule: VPTimeline, FlowSchedule: FlowTimeline}
+
+
+# ----------------------------------------------------------------------------- the family
+
+
 @register("cd")
 class ConsistencyDistiller(Distiller):
     """CD with the LCM boundary parameterization, skipping-step teacher steps and an EMA target."""
@@ -89,15 +277,24 @@ class ConsistencyDistiller(Distiller):
     config_class = ConsistencyConfig
     paper = {"title": "Consistency Models", "arxiv": "2303.01469"}
     sampler_name = "consistency"
+    scheduler_kind = "consistency"
 
     def __init__(self, teacher, config: ConsistencyConfig):
         super().__init__(teacher, config)
         extra = {"time_cond_proj_dim": config.guidance_embedding_dim} if config.guidance_embedding else {}
-        self.student_denoiser = self.teacher.with_model(copy_student(self.teacher.model, **extra))
-        T = self.teacher.schedule.num_train_timesteps
-        if T % config.num_ddim_timesteps:
-            raise ConfigError(f"distill.num_ddim_timesteps = {config.num_ddim_timesteps} must divide the teacher's "
-                              f"{T} training timesteps")
+        student = copy_student(self.teacher.model, **extra)
+        if config.lora_rank:
+            student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_target_modules or None)
+        self.student_denoiser = self.teacher.with_model(student)
+        self.timeline = TIMELINES[type(self.teacher.schedule)](self.teacher.schedule, config)
+        if config.guidance_scale_max > 1 and self.teacher.null_cond is None:
+            raise ConfigError("distill.guidance_scale_min/max > 1 need a conditional teacher with a null condition "
+                              "(classifier-free guidance); set both to 1 for this teacher")
+        self.lpips = None
+        if config.loss == "lpips":
+            from ..losses import LPIPSLoss
+
+            self.lpips = LPIPSLoss()
 
     @property
     def student(self):
@@ -106,28 +303,37 @@ class ConsistencyDistiller(Distiller):
     def ema_rates(self):
         return {"target": self.config.target_ema_decay} if self.config.target == "ema" else {}
 
-    # -- the consistency function ------------------------------------------------------------
+    # -- the map each method defines ---------------------------------------------------------------
     def boundary(self, t: torch.Tensor, like: torch.Tensor):
-        """LCM's c_skip, c_out at continuous t (from the network timestep, as LCMScheduler)."""
-        scaled = self.teacher.schedule.model_timestep(t).to(like.device) * self.config.timestep_scaling
-        sd2 = self.config.sigma_data ** 2
-        c_skip = sd2 / (scaled ** 2 + sd2)
-        c_out = scaled / (scaled ** 2 + sd2).sqrt()
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return c_skip.reshape(shape), c_out.reshape(shape)
+        """c_skip, c_out at continuous t, shaped to broadcast against `like`."""
+        c_skip, c_out = self.timeline.boundary(torch.as_tensor(t))
+        return _bcast(c_skip.to(like.device).float(), like), _bcast(c_out.to(like.device).float(), like)
 
     def consistency_fn(self, denoiser, x, t, cond):
+        """LCM's f(x, t) = c_skip(t) x + c_out(t) x0(x, t)."""
         c_skip, c_out = self.boundary(t, x)
         return c_skip * x + c_out * denoiser.x0(x, t, cond)
 
+    def draw_times(self, n: int, device, step: int):
+        """(t_n, t_{n-1}, s): start, teacher-step end and landing time of each example."""
+        idx = torch.randint(1, self.config.num_ddim_timesteps + 1, (n,), device=device)
+        return self.timeline.grid(idx), self.timeline.grid(idx - 1), None
+
+    def online(self, den, x, t, s, cond):
+        return self.consistency_fn(den, x, t, cond)
+
+    def target_map(self, den, x, t, s, cond):
+        return self.consistency_fn(den, x, t, cond)
+
+    # -- shared pieces -------------------------------------------------------------------------------
     def grid_times(self, idx: torch.Tensor) -> torch.Tensor:
-        """t_n = n / N on the skipping grid (n = 0 is the clean end)."""
-        return idx.float() / self.config.num_ddim_timesteps
+        return self.timeline.grid(idx)
 
     def student_cond(self, cond: dict, w: torch.Tensor | None) -> dict:
         if not self.config.guidance_embedding:
             return cond
-        w = torch.ones(next(iter(cond.values())).shape[0]) if w is None else w
+        n = cond_batch_size(cond) or 1
+        w = torch.ones(n) if w is None else w
         emb = guidance_embedding(w - 1.0, self.config.guidance_embedding_dim)
         return {**cond, "timestep_cond": emb.to(self.device)}
 
@@ -142,45 +348,63 @@ class ConsistencyDistiller(Distiller):
             return self.student_denoiser
         return self.teacher.with_model(self.ema.module("target"))
 
-    # -- training --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def data_free_start(self, n: int, t: torch.Tensor, cond: dict, w) -> torch.Tensor:
+        """x_t for prompt-only batches: the teacher's guided DDIM from pure noise at t = 1 down to t."""
+        x = torch.randn((n, *self.teacher_info.sample_shape), device=self.device)
+        steps = self.config.data_free_steps
+        for k in range(steps):
+            hi, lo = 1 - (1 - t) * k / steps, 1 - (1 - t) * (k + 1) / steps
+            x = solvers.ddim_step(self.teacher, x, hi, lo, cond, guidance=w)
+        return x
+
+    def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "huber":
+            return pseudo_huber(pred, target, self.config.huber_c)
+        if self.config.loss == "l2":
+            return torch.mean((pred.float() - target.float()) ** 2)
+        # LPIPS compares images: latents go through the (frozen) VAE decoder, with gradients for the prediction
+        with torch.no_grad():
+            target_img = self.codec.decode(target)
+        return self.lpips(self.codec.differentiable_decode(pred), target_img)
+
+    # -- training ----------------------------------------------------------------------------------
     def loss(self, batch, step):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)
-        n = x0.shape[0]
-        N = self.config.num_ddim_timesteps
-        idx = torch.randint(1, N + 1, (n,), device=x0.device)
-        t, t_prev = self.grid_times(idx), self.grid_times(idx - 1)
-        x_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
-        w = self.draw_guidance(n, x0.device)
+        n = x0.shape[0] if x0 is not None else cond_batch_size(cond)
+        device = self.device
+        t, t_prev, s = self.draw_times(n, device, step)
+        w = self.draw_guidance(n, device)
+        if x0 is not None:
+            x_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
+        else:
+            x_t = self.data_free_start(n, t, cond, w)
         s_cond = self.student_cond(cond, w)
 
-        pred = self.consistency_fn(self.student_denoiser, x_t, t, s_cond)
+        pred = self.online(self.student_denoiser, x_t, t, s, s_cond)
         with torch.no_grad():
             x_prev = solvers.STEPS[self.config.solver](self.teacher, x_t, t, t_prev, cond, guidance=w)
-            target = self.consistency_fn(self.target_denoiser(), x_prev, t_prev, s_cond)
-        if self.config.loss == "huber":
-            loss = pseudo_huber(pred, target, self.config.huber_c)
-        else:
-            loss = torch.mean((pred.float() - target.float()) ** 2)
-        return {"student": loss}
+            target = self.target_map(self.target_denoiser(), x_prev, t_prev, s, s_cond)
+        return {"student": self.distance(pred, target)}
 
-    # -- sampling and export -----------------------------------------------------------------------
+    # -- sampling and export -------------------------------------------------------------------------
     def sampling_times(self, steps: int) -> torch.Tensor:
-        """LCMScheduler's timesteps for `steps` steps, as grid times t_n (descending)."""
-        N = self.config.num_ddim_timesteps
-        if steps > N:
-            raise ConfigError(f"{steps} sampling steps exceed the {N}-point consistency grid")
-        idx = torch.arange(N, 0, -1)[torch.floor(torch.linspace(0, N, steps + 1)[:-1]).long()]
-        return self.grid_times(idx)
+        """The exported scheduler's times for `steps` steps (descending)."""
+        return self.timeline.consistency_times(steps)
 
-    @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
-        """Multistep consistency sampling: denoise with f, re-noise to the next time, repeat."""
+    def sampling_setup(self, noise, cond, model, guidance_scale):
         den = self.student_denoiser if model is None else self.teacher.with_model(model)
         w = None
         if self.config.guidance_embedding:
-            scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale_min
-            w = torch.full((noise.shape[0],), scale)
-        s_cond = self.student_cond(cond, w) if cond else cond
+            scale = guidance_scale if guidance_scale is not None else (
+                self.config.sample_guidance_scale or self.config.guidance_scale_min)
+            w = torch.full((noise.shape[0],), float(scale))
+        return den, (self.student_cond(cond, w) if cond or w is not None else cond)
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
+        """Multistep consistency sampling (Song et al. 2023, Algorithm 1): denoise with f, re-noise, repeat."""
+        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
         times = self.sampling_times(steps).to(noise.device)
         x = noise
         for i, t in enumerate(times):
@@ -192,10 +416,132 @@ class ConsistencyDistiller(Distiller):
 
     def export_scheduler(self, steps):
         cfg = self.teacher_info.pipeline.scheduler.config
-        return LCMScheduler.from_config(
-            cfg, original_inference_steps=self.config.num_ddim_timesteps, timestep_scaling=self.config.timestep_scaling,
-            clip_sample=False, prediction_type=self.student_denoiser.prediction_type, set_alpha_to_one=True)
+        return self.timeline.scheduler(self.scheduler_kind, cfg, self.student_denoiser.prediction_type)
 
     def model_card(self):
-        return {"sampling": "multistep consistency sampling (LCMScheduler); "
-                            f"{self.config.num_ddim_timesteps}-point skipping grid"}
+        card = {"sampling": f"{self.sampler_name} sampling; {self.config.num_ddim_timesteps}-point skipping grid"}
+        if self.config.guidance_embedding:
+            card["guidance"] = (f"w-embedded student: pass guidance_scale in [{self.config.guidance_scale_min}, "
+                                f"{self.config.guidance_scale_max}] (diffusers convention); no CFG batch is run")
+        elif self.draw_guidance(1, "cpu") is not None:
+            card["guidance"] = (f"teacher guidance {self.config.guidance_scale_min}..{self.config.guidance_scale_max} "
+                                "is baked in: sample with guidance_scale=1 (no CFG)")
+        if self.config.lora_rank:
+            card["lora"] = (f"rank {self.config.lora_rank}; `pipe.load_lora_weights(<this dir>/lora)` on the teacher "
+                            "pipeline, then `pipe.fuse_lora()` if wanted")
+        return card
+
+
+@register("lcm")
+class LCMDistiller(ConsistencyDistiller):
+    """Latent consistency distillation: CD with guided teacher steps and the w-embedding (or LCM-LoRA)."""
+
+    config_class = LCMConfig
+    paper = {"title": "Latent Consistency Models", "arxiv": "2310.04378"}
+
+
+@register("tcd")
+class TCDDistiller(ConsistencyDistiller):
+    """Trajectory consistency: the student learns x_t -> x_s for s <= t in the semi-linear (DDIM) form."""
+
+    config_class = TCDConfig
+    paper = {"title": "Trajectory Consistency Distillation", "arxiv": "2402.19159"}
+    sampler_name = "tcd"
+    scheduler_kind = "tcd"
+
+    def draw_times(self, n, device, step):
+        # s on the grid at or below the target time: m ~ U{0, ..., n-1} (TCD's trajectory-mapping training)
+        idx = torch.randint(1, self.config.num_ddim_timesteps + 1, (n,), device=device)
+        m = torch.floor(torch.rand(n, device=device) * idx).long()
+        return self.timeline.grid(idx), self.timeline.grid(idx - 1), self.timeline.grid(m)
+
+    def online(self, den, x, t, s, cond):
+        return jump(den, x, t, s, cond)
+
+    def target_map(self, den, x, t, s, cond):
+        return jump(den, x, t, s, cond)
+
+    def sampling_times(self, steps):
+        return self.timeline.tcd_times(steps)[:-1]
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale=None, gamma: float | None = None):
+        """Strategic stochastic sampling (TCD, Algorithm 4; diffusers' TCDScheduler.step)."""
+        gamma = self.config.gamma if gamma is None else gamma
+        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
+        times = self.timeline.tcd_times(steps).to(noise.device)
+        x = noise
+        n = x.shape[0]
+        for i in range(steps):
+            t, t_next = times[i].expand(n), times[i + 1].expand(n)
+            s = self.timeline.tcd_s(t_next, gamma).to(x.device)
+            x_s = jump(den, x, t, s, s_cond)
+            if gamma > 0 and i + 1 < steps:
+                a_s, sig_s = den.alpha_sigma(s, x)
+                a_n, sig_n = den.alpha_sigma(t_next, x)
+                ratio = a_n / a_s
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = ratio * x_s + (sig_n ** 2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt() * z
+            else:
+                x = x_s
+        return x
+
+    def model_card(self):
+        card = super().model_card()
+        card["sampling"] += f"; gamma {self.config.gamma} (TCDScheduler: pass eta={self.config.gamma} to the pipeline)"
+        return card
+
+
+@register("pcm")
+class PhasedConsistencyDistiller(ConsistencyDistiller):
+    """Multi-phase consistency: K ODE segments, each mapped to its lower edge (PCM); K may fall by stages (Hyper-SD)."""
+
+    config_class = PCMConfig
+    paper = {"title": "Phased Consistency Models", "arxiv": "2405.18407"}
+    sampler_name = "phased-ddim"
+    scheduler_kind = "phased"
+
+    def phases_at(self, step: int) -> int:
+        """K in effect at optimizer step `step` (the stage plan, else num_phases)."""
+        plan = self.config.stage_phases
+        if not plan:
+            return self.config.num_phases
+        return plan[min(step // max(self.config.stage_steps, 1), len(plan) - 1)]
+
+    @property
+    def final_phases(self) -> int:
+        return self.config.stage_phases[-1] if self.config.stage_phases else self.config.num_phases
+
+    def lower_edge(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """The largest phase edge strictly below t (edges: the K-step grid of the exported scheduler)."""
+        edges = self.timeline.phase_edges(k).to(t.device)  # descending, ends at the clean end
+        below = edges[None, :] < t[:, None] - 1e-6
+        return torch.where(below, edges[None, :], -1.0).max(1).values
+
+    def draw_times(self, n, device, step):
+        idx = torch.randint(1, self.config.num_ddim_timesteps + 1, (n,), device=device)
+        t = self.timeline.grid(idx)
+        edge = self.lower_edge(t, self.phases_at(step))
+        return t, torch.maximum(self.timeline.grid(idx - 1), edge), edge  # the teacher step stops at the edge
+
+    def online(self, den, x, t, s, cond):
+        return jump(den, x, t, s, cond)
+
+    def target_map(self, den, x, t, s, cond):
+        return jump(den, x, t, s, cond)  # = x itself when t is the edge (PCM's c_skip = 1)
+
+    def sampling_times(self, steps):
+        return self.timeline.phase_edges(steps)
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale=None):
+        """One deterministic DDIM jump per phase, along the exported scheduler's `steps`-step grid."""
+        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
+        return solvers.sample(den, noise, self.sampling_times(steps).to(noise.device), s_cond)
+
+    def model_card(self):
+        card = super().model_card()
+        plan = self.config.stage_phases or [self.config.num_phases]
+        card["sampling"] = (f"deterministic jumps between phase edges ({type(self.export_scheduler(1)).__name__}); "
+                            f"trained with K = {' -> '.join(map(str, plan))} phases; best at {self.final_phases} steps")
+        return card

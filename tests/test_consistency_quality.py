@@ -1,0 +1,17 @@
+"""End to end on the digits world (slow): the quickstart's consistency students against the teacher's DDIM."""
+
+import pytest
+
+from stepdistill.paths import DIGITS_TEACHER
+from stepdistill.quickstart import quickstart
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lcm", "tcd", "pcm"])
+def test_student_beats_teacher_ddim_at_one_and_two_steps(method, tmp_path):
+    assert DIGITS_TEACHER.is_dir(), "the embedded digits teacher (samples/digits-teacher) is missing"
+    rows = quickstart([method], tmp_path, num_samples=1000, overrides=["train.progress_bar=false", "train.report_to=none"])
+    fid = {(r["model"], r["steps"]): r["fid"] for r in rows}
+    for steps in (1, 2):
+        assert fid[(method, steps)] < fid[("teacher", steps)]
+    assert fid[(method, 4)] < fid[("teacher", 2)]

@@ -1,0 +1,95 @@
+"""Multi-phase consistency: phase edges = the exported scheduler's grid, Hyper-SD stage plan, the edge target, and
+the SD3 (flow-matching) PCM LoRA loaded back in plain diffusers."""
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+from distiller_suite import DistillerSuite
+from helpers import tiny_config
+from stepdistill.pipelines import ClassConditionalPipeline
+from stepdistill.runner import build, run
+
+LORA = ["distill.lora_rank=4", "distill.lora_alpha=8"]
+
+
+def _pcm(teacher, tmp_path, *opts):
+    return build(tiny_config("digits/pcm.yaml", teacher, tmp_path, *opts))[1]
+
+
+def test_stage_plan_halves_phases(class_teacher, tmp_path):
+    d = _pcm(class_teacher, tmp_path, "distill.stage_phases=[8,4,2,1]", "distill.stage_steps=10")
+    assert [d.phases_at(s) for s in (0, 9, 10, 25, 30, 10_000)] == [8, 8, 4, 2, 1, 1]
+    d = _pcm(class_teacher, tmp_path, "distill.stage_phases=[]", "distill.num_phases=3")
+    assert d.phases_at(0) == d.phases_at(999) == 3
+
+
+def test_teacher_step_stops_at_the_phase_edge_and_the_target_is_then_x_prev(class_teacher, tmp_path):
+    d = _pcm(class_teacher, tmp_path, "distill.stage_phases=[4]")
+    t, t_end, edge = d.draw_times(2000, "cpu", 0)
+    edges = torch.tensor([0.0, 0.25, 0.5, 0.75])  # DDIM 'trailing' at 4 steps: timesteps 999, 749, 499, 249
+    torch.testing.assert_close(edge, edges[torch.searchsorted(edges, t - 1e-6) - 1])
+    assert (t_end >= edge).all() and (t_end < t).all()
+    assert ((t_end == edge) & (t_end > t - 1.5 / 50)).any()
+    x = torch.randn(2, 1, 8, 8)
+    s = torch.tensor([0.25, 0.5])
+    with torch.no_grad():
+        target = d.target_map(d.student_denoiser, x, s, s, {"class_labels": torch.tensor([1, 2])})
+    torch.testing.assert_close(target, x, atol=1e-5, rtol=1e-5)
+
+
+def test_own_sampler_equals_plain_pipeline_with_ddim_at_the_edges(class_teacher, tmp_path):
+    trainer = run(tiny_config("digits/pcm.yaml", class_teacher, tmp_path, "train.max_steps=2"))
+    d = trainer.distiller
+    pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "student")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    labels = torch.tensor([0, 3, 7])
+    for steps in (1, 2, 4):
+        pipe.scheduler.set_timesteps(steps)
+        torch.testing.assert_close(d.teacher.schedule.model_timestep(d.sampling_times(steps)[:-1]),
+                                   pipe.scheduler.timesteps.float())
+        noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(steps))
+        ours = d.sample(noise, {"class_labels": labels}, steps, model=trainer.export_module())
+        theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, output_type="pt").images
+        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_sd3_pcm_lora_loads_in_plain_diffusers(sd3_teacher, prompt_file, tmp_path):
+    """sd3/pcm.yaml on a tiny SD3 (flow matching, shift 3), prompt-only data: the merged export and the teacher +
+    load_lora_weights sample the same latents as stepdistill's sampler with FlowMatchEulerDiscreteScheduler."""
+    cfg = tiny_config("sd3/pcm.yaml", sd3_teacher, tmp_path, "train.max_steps=2", "train.mixed_precision='no'",
+                      "train.batch_size=2", "data.dataset=prompts", f"data.path={prompt_file}",
+                      "distill.data_free_steps=2", *LORA)
+    trainer = run(cfg)
+    d = trainer.distiller
+    student_dir = Path(cfg.output_dir) / "student"
+    prompts = ["a red cat", "a blue dog"]
+    cond = d.teacher_info.conditioner.encode({"prompt": prompts}, "cpu")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = d.sample(noise, cond, 4, model=trainer.export_module())
+    loaded = StableDiffusion3Pipeline.from_pretrained(sd3_teacher, text_encoder_3=None, tokenizer_3=None)
+    loaded.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(student_dir, subfolder="scheduler")
+    loaded.load_lora_weights(student_dir / "lora")
+    merged = StableDiffusion3Pipeline.from_pretrained(student_dir, text_encoder_3=None, tokenizer_3=None)
+    for pipe in (merged, loaded):
+        assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(prompt=prompts, num_inference_steps=4, latents=noise.clone(), guidance_scale=1.0,
+                      output_type="latent").images
+        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=2e-4)
+
+
+class TestPCMSuite(DistillerSuite):
+    config_file = "digits/pcm.yaml"
+    overrides = ("distill.stage_steps=1",)  # crosses a stage boundary within the suite's few steps
+
+
+class TestSD3PCMSuite(DistillerSuite):
+    config_file = "sd3/pcm.yaml"
+    teacher = "sd3_teacher"
+    overrides = ("train.mixed_precision='no'", "train.batch_size=2", "distill.data_free_steps=1", *LORA)
+
+    @classmethod
+    def extra_overrides(cls, request):
+        return ["data.dataset=prompts", f"data.path={request.getfixturevalue('prompt_file')}"]
