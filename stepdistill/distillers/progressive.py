@@ -128,6 +128,8 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     T; otherwise EulerDiscreteScheduler (trailing, final sigma 0) does the same deterministic update in
     sigma = s / a coordinates and lands exactly. Pipelines that skip scale_model_input (DDPMPipeline)
     keep DDIM, which is then within one training timestep of the grid. Flow teachers get flow Euler.
+    No x0 clipping: the student learnt the unclipped teacher ODE (as the paper's code trains it), and
+    Euler schedulers cannot clip, so every export samples the same map.
     """
     cfg = teacher_info.pipeline.scheduler.config
     schedule = teacher_info.denoiser.schedule
@@ -136,16 +138,10 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     exact_ddim = schedule.num_train_timesteps % steps == 0
     if exact_ddim or teacher_info.pipeline_class in VP_SPACE_PIPELINES:
         return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
-                                         set_alpha_to_one=True, steps_offset=0)
+                                         set_alpha_to_one=True, steps_offset=0, clip_sample=False, thresholding=False)
     return EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
                                               final_sigmas_type="zero", interpolation_type="linear",
                                               use_karras_sigmas=False, timestep_type="discrete", steps_offset=0)
-
-
-def sampler_clip(teacher_info) -> float | None:
-    """x0 clipping of the student's own sampler: as the teacher's scheduler (pixel teachers clip to [-1, 1])."""
-    cfg = teacher_info.pipeline.scheduler.config
-    return float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
 
 
 def _check_guidance_range(prefix: str, lo: float, hi: float) -> None:
@@ -259,13 +255,12 @@ class ProgressiveDistiller(Distiller):
 
     @torch.no_grad()
     def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
-        """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other)."""
+        """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other), unclipped."""
         den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
         n = noise.shape[0]
         w = torch.full((n,), guidance_scale if guidance_scale is not None else self.default_guidance())
         s_cond = self.guided.student_cond(cond or {}, w, n, noise.device)
-        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond,
-                              clip_x0=sampler_clip(self.teacher_info))
+        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond)
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
@@ -380,10 +375,9 @@ class GuidanceDistiller(Distiller):
         """Deterministic DDIM (trailing grid) with w embedded: one network pass per step."""
         den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
         n = noise.shape[0]
-        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.config.eval_guidance_scales[0])
+        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.config.guidance_scale_min)
         return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps),
-                              self.guided.student_cond(cond or {}, w, n, noise.device),
-                              clip_x0=sampler_clip(self.teacher_info))
+                              self.guided.student_cond(cond or {}, w, n, noise.device))
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
