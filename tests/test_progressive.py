@@ -1,6 +1,7 @@
 """Progressive distillation and guidance distillation: the target equation, the weighting, the grid
 alignment, the exported schedulers, round chaining and per-round resume, and the shared suite."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,30 @@ class TestProgressiveUnconditionalSuite(DistillerSuite):
 class TestGuidanceSuite(DistillerSuite):
     config_file = "digits/guidance.yaml"
     overrides = ("distill.progressive_start_steps=0",)
+
+
+def test_quickstart_gives_every_round_and_scale_its_row_and_the_teacher_the_same_points(tmp_path, monkeypatch):
+    """The quickstart mechanism for multi-run methods: a row per round (and per guidance scale for guided
+    students), and teacher rows at the same (steps, guidance) points."""
+    from tiny_models import save_class_teacher
+
+    from stepdistill import quickstart as qs
+
+    teacher = save_class_teacher(tmp_path / "teacher", size=16)  # the digits classifier needs 16x16
+    monkeypatch.setattr(qs, "DIGITS_TEACHER", teacher)
+    monkeypatch.setattr(qs, "TEACHER_STEPS", (1,))
+    fast = ["train.max_steps=1", "train.progress_bar=false", "train.report_to=none", "train.batch_size=4",
+            "train.num_sample_images=2"]
+    rows = qs.quickstart(["progressive"], tmp_path / "qs", num_samples=20, overrides=[*fast, "distill.start_steps=4"])
+    students = [r for r in rows if r["model"] == "progressive"]
+    assert [(r["steps"], r["run"]) for r in students] == [(2, "round-01-2steps"), (1, "round-02-1steps")]
+    assert {r["steps"] for r in rows if r["model"] == "teacher"} == {1, 2}
+    rows = qs.quickstart(["guidance"], tmp_path / "qs", num_samples=20,
+                         overrides=[*fast, "distill.progressive_start_steps=2", "distill.progressive_max_steps=1",
+                                    "distill.eval_guidance_scales=[1.0,3.0]", "export.steps=[2]"])
+    students = [(r["steps"], r["guidance"], r["run"]) for r in rows if r["model"] == "guidance"]
+    assert students == [(2, 1.0, "guided"), (2, 3.0, "guided"),
+                        (1, 1.0, "progressive/round-01-1steps"), (1, 3.0, "progressive/round-01-1steps")]
+    teacher_points = {(r["steps"], r.get("guidance", 1.0)) for r in rows if r["model"] == "teacher"}
+    assert teacher_points == {(1, 1.0), (2, 1.0), (2, 3.0), (1, 3.0)}
+    assert all(math.isfinite(r["fid"]) for r in rows)
