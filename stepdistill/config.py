@@ -104,7 +104,9 @@ class ExportConfig:
 class KernelsConfig:
     attention: Literal["auto", "triton", "xformers", "sdpa"] = option(
         "auto", "attention backend: Triton on CUDA for supported shapes, else xformers, else SDPA")
-    ema: Literal["auto", "fused", "foreach"] = option("auto", "EMA update: fused Triton kernel on CUDA, else torch._foreach_lerp_")
+    ema: Literal["auto", "fused", "foreach"] = option(
+        "auto", "EMA update: fused Triton kernel on CUDA, a cache-blocked multi-rate update on CPU; "
+        "foreach: torch._foreach_lerp_ per rate")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import yaml
 from .config import RunConfig, to_dict
 from .distillers import get_distiller_class
 from .export import export_student
+from .kernels.dispatch import apply_attention_backend
 from .teacher import load_teacher
 from .training.data import build_dataset
 from .training.trainer import Trainer
@@ -20,6 +21,7 @@ def build(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher)
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
+    apply_attention_backend(distiller, cfg.kernels.attention)  # teacher, student and auxiliary networks
     dataset = build_dataset(cfg.data, teacher)
     return teacher, distiller, dataset
 

@@ -81,3 +81,19 @@ def test_run_writes_sample_grids_and_export(class_teacher, tmp_path):
         assert (tmp_path / "samples" / f"student-{steps}step.png").is_file()
     assert (tmp_path / "student" / "model_index.json").is_file()
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))  # the tracker wrote its log
+
+
+def test_kernel_choices_reach_the_models(class_teacher, tmp_path):
+    """kernels.attention sets the processors of teacher and student; kernels.ema picks the EMA updater."""
+    from diffusers.models.attention_processor import Attention
+
+    from stepdistill.kernels.attention import FlashAttnProcessor
+
+    cfg = tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=1", "kernels.attention=triton",
+                      "kernels.ema=foreach")
+    trainer = run(cfg)  # under TRITON_INTERPRET=1 the Triton path runs on the CPU
+    d = trainer.distiller
+    for net in (d.teacher.model, d.student, trainer.ema.module("target")):
+        procs = [m.processor for m in net.modules() if isinstance(m, Attention)]
+        assert procs and all(isinstance(p, FlashAttnProcessor) for p in procs)
+    assert trainer.ema._fused is None  # foreach

@@ -4,7 +4,8 @@ Each rate keeps an fp32 shadow copy of the module's trainable parameters; frozen
 (the base of a LoRA student) are shared with the live module, not copied. A shadow is a
 whole nn.Module, so a consistency target network is simply the shadow at its rate.
 All rates are updated in one call after each optimizer step: by a fused Triton kernel on
-CUDA when available (stepdistill.kernels.ema), else by torch._foreach_lerp_ per rate.
+CUDA when available, by a cache-blocked multi-rate lerp on CPU (both in stepdistill.kernels.ema),
+or by torch._foreach_lerp_ per rate (kernels.ema=foreach).
 """
 
 from __future__ import annotations
@@ -42,19 +43,18 @@ class MultiRateEMA:
         self._fused = self._make_fused(backend)
 
     def _make_fused(self, backend: str):
-        """The fused kernel's updater where asked for (or 'auto' on CUDA), else None for foreach."""
-        if backend == "foreach" or not self.rates:
+        """The kernel updater: Triton where asked for (or 'auto' on CUDA), the blocked CPU path for
+        'auto' on CPU (faster than foreach, see benchmarks/RESULTS.md); None means foreach."""
+        if backend == "foreach" or not self.rates or not self.live:
             return None
-        on_cuda = bool(self.live) and self.live[0].is_cuda
-        if backend == "auto" and not on_cuda:
-            return None
-        try:
-            from ..kernels.ema import FusedMultiRateEMA
-        except ImportError:
-            if backend == "fused":
-                raise
-            return None
-        return FusedMultiRateEMA(self.live, [self.shadow_params[n] for n in self.rates])
+        from ..kernels.ema import HAS_TRITON, BlockedMultiRateEMA, FusedMultiRateEMA
+
+        shadows = [self.shadow_params[n] for n in self.rates]
+        if backend == "fused" or (self.live[0].is_cuda and HAS_TRITON):
+            return FusedMultiRateEMA(self.live, shadows)
+        if self.live[0].device.type == "cpu":
+            return BlockedMultiRateEMA(self.live, shadows)
+        return None
 
     def decay(self, name: str) -> float:
         d = self.rates[name]
