@@ -75,6 +75,7 @@ def plot(rows: list[dict], teacher_by_steps: dict, path: Path) -> None:
     st = sorted((r["steps"], r["fid"]) for r in rows)
     ax.plot([s for s, _ in st], [f for _, f in st], "s-", label="progressive student (its round's steps)")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xticks(steps)
     ax.set_xticklabels([str(s) for s in steps])
     ax.invert_xaxis()

@@ -295,8 +295,8 @@ def test_ddpm_teacher_gives_a_ddpm_student_in_plain_diffusers(uncond_teacher, tm
                               "distill.start_steps=8", "train.max_steps=2", "export.steps=[4]"))
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "student")  # no stepdistill class involved
     assert type(pipe).__name__ == "DDPMPipeline" and isinstance(pipe.scheduler, DDIMScheduler)
-    # v head; no x0 clipping although DDPMScheduler clips by default (the student learnt the unclipped ODE)
-    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.clip_sample is False
+    # v head; x0 clipped to the data range as the teacher's DDPMScheduler does (and the own sampler too)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.clip_sample is True
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     images = pipe(batch_size=2, num_inference_steps=4, generator=g, output_type="np").images

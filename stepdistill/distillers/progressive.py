@@ -121,6 +121,14 @@ class Guided:
         return cond if self.dim is None else with_guidance_input(cond, w, self.dim, n, device)
 
 
+def data_clip(teacher_info) -> float | None:
+    """x0 clipping to the data range where the teacher's scheduler clips (pixel teachers; never latents)."""
+    cfg = teacher_info.pipeline.scheduler.config
+    if teacher_info.codec.latent or not cfg.get("clip_sample", False):
+        return None
+    return float(cfg.get("clip_sample_range", 1.0))
+
+
 def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     """A diffusers scheduler whose `steps`-step loop is exactly DDIM on `student_grid(steps)`.
 
@@ -128,8 +136,7 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     T; otherwise EulerDiscreteScheduler (trailing, final sigma 0) does the same deterministic update in
     sigma = s / a coordinates and lands exactly. Pipelines that skip scale_model_input (DDPMPipeline)
     keep DDIM, which is then within one training timestep of the grid. Flow teachers get flow Euler.
-    No x0 clipping: the student learnt the unclipped teacher ODE (as the paper's code trains it), and
-    Euler schedulers cannot clip, so every export samples the same map.
+    DDIM clips x0 to the data range as the teacher's scheduler does (`data_clip`); Euler cannot clip.
     """
     cfg = teacher_info.pipeline.scheduler.config
     schedule = teacher_info.denoiser.schedule
@@ -137,11 +144,19 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
         return FlowMatchEulerDiscreteScheduler.from_config(cfg)
     exact_ddim = schedule.num_train_timesteps % steps == 0
     if exact_ddim or teacher_info.pipeline_class in VP_SPACE_PIPELINES:
+        clip = data_clip(teacher_info)
         return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
-                                         set_alpha_to_one=True, steps_offset=0, clip_sample=False, thresholding=False)
+                                         set_alpha_to_one=True, steps_offset=0, clip_sample=clip is not None,
+                                         clip_sample_range=clip or 1.0, thresholding=False)
     return EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
                                               final_sigmas_type="zero", interpolation_type="linear",
                                               use_karras_sigmas=False, timestep_type="discrete", steps_offset=0)
+
+
+def sampler_clip(scheduler) -> float | None:
+    """The x0 clipping an exported scheduler applies, which the student's own sampler then applies too."""
+    cfg = scheduler.config
+    return float(cfg.get("clip_sample_range", 1.0)) if isinstance(scheduler, DDIMScheduler) and cfg.get("clip_sample") else None
 
 
 def _check_guidance_range(prefix: str, lo: float, hi: float) -> None:
@@ -255,12 +270,13 @@ class ProgressiveDistiller(Distiller):
 
     @torch.no_grad()
     def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
-        """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other), unclipped."""
+        """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other), as exported."""
         den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
         n = noise.shape[0]
         w = torch.full((n,), guidance_scale if guidance_scale is not None else self.default_guidance())
         s_cond = self.guided.student_cond(cond or {}, w, n, noise.device)
-        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond)
+        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond,
+                              clip_x0=sampler_clip(self.export_scheduler(steps)))
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
@@ -372,12 +388,13 @@ class GuidanceDistiller(Distiller):
 
     @torch.no_grad()
     def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
-        """Deterministic DDIM (trailing grid) with w embedded: one network pass per step."""
+        """Deterministic DDIM (trailing grid) with w embedded, as exported: one network pass per step."""
         den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
         n = noise.shape[0]
         w = torch.full((n,), guidance_scale if guidance_scale is not None else self.config.guidance_scale_min)
         return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps),
-                              self.guided.student_cond(cond or {}, w, n, noise.device))
+                              self.guided.student_cond(cond or {}, w, n, noise.device),
+                              clip_x0=sampler_clip(self.export_scheduler(steps)))
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
