@@ -92,7 +92,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench-progressive")
     parser.add_argument("--teacher", default=str(DIGITS_TEACHER))
-    parser.add_argument("--max-steps", type=int, default=400, help="optimizer steps per progressive round")
+    parser.add_argument("--start-steps", type=int, default=64, help="teacher DDIM steps that round 1 halves")
+    parser.add_argument("--max-steps", type=int, default=150, help="optimizer steps per progressive round")
     parser.add_argument("--guidance-steps", type=int, default=600, help="optimizer steps of guidance stage one")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--timing-batch", type=int, default=100)
@@ -106,7 +107,8 @@ def main(argv=None):
 
     # 1. progressive rounds
     t0 = time.perf_counter()
-    prog = train("progressive.yaml", out / "progressive", args.teacher, [f"train.max_steps={args.max_steps}"])
+    prog = train("progressive.yaml", out / "progressive", args.teacher, [f"train.max_steps={args.max_steps}",
+                                                                         f"distill.start_steps={args.start_steps}"])
     prog_train_s = time.perf_counter() - t0
     prog_rows = [r for s in prog for r in stage_rows(s, fid, args.num_samples, 0, "progressive")]
     start = prog[0].distill.start_steps
@@ -148,7 +150,8 @@ def main(argv=None):
 
     # report
     lines = ["# Progressive and guidance distillation on the digits world", "",
-             f"Command: `python benchmarks/progressive.py --out {args.out} --max-steps {args.max_steps} "
+             f"Command: `python benchmarks/progressive.py --out {args.out} --start-steps {args.start_steps} "
+             f"--max-steps {args.max_steps} "
              f"--guidance-steps {args.guidance_steps} --num-samples {args.num_samples}`", "",
              f"Teacher: `{args.teacher}`. FID: Frechet distance in the digits classifier's features, "
              f"{args.num_samples} samples (balanced classes, same noise for every row) against the 1,797 real digits; "

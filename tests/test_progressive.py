@@ -380,3 +380,16 @@ def test_quickstart_gives_every_round_and_scale_its_row_and_the_teacher_the_same
     teacher_points = {(r["steps"], r.get("guidance", 1.0)) for r in rows if r["model"] == "teacher"}
     assert teacher_points == {(1, 1.0), (2, 1.0), (2, 3.0), (1, 3.0)}
     assert all(math.isfinite(r["fid"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_quickstart_progressive_students_beat_the_teachers_ddim_at_one_and_two_steps(tmp_path):
+    """The embedded default at full length: every round's student beats the teacher's DDIM at 1 and 2 steps."""
+    import json
+
+    from stepdistill.cli import main
+
+    assert main(["quickstart", "--method", "progressive", "--output-dir", str(tmp_path), "train.progress_bar=false"]) == 0
+    fid = {(r["model"], r["steps"]): r["fid"] for r in json.loads((tmp_path / "results.json").read_text())}
+    assert fid["progressive", 1] < fid["teacher", 2] < fid["teacher", 1]
+    assert fid["progressive", 2] < fid["teacher", 2]
