@@ -103,22 +103,35 @@ def embedded_guidance_dim(model) -> int | None:
     return getattr(model, "config", {}).get("time_cond_proj_dim")
 
 
-class Guided:
-    """How a network is given the guidance scale w: classifier-free (two passes) or embedded (one pass).
+class ClassifierFreeGuidance:
+    """A network without a scale input: guidance mixes its conditional and null predictions (two passes)."""
 
-    Chosen once from the network's config, so losses and samplers never branch on it.
-    """
-
-    def __init__(self, model):
-        self.dim = embedded_guidance_dim(model)
+    dim = None
 
     def predict(self, denoiser, x, t, cond, w):
-        if self.dim is None:  # classifier-free: mix conditional and null predictions (w=None: conditional only)
-            return denoiser.predict(x, t, cond, guidance=w)
+        return denoiser.predict(x, t, cond, guidance=w)  # w=None: the conditional prediction alone
+
+    def student_cond(self, cond, w, n, device):
+        return cond
+
+
+class EmbeddedGuidance:
+    """A guidance-distilled network: w enters as the `timestep_cond` embedding (one pass)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def predict(self, denoiser, x, t, cond, w):
         return denoiser.predict(x, t, with_guidance_input(cond, w, self.dim, x.shape[0], x.device))
 
     def student_cond(self, cond, w, n, device):
-        return cond if self.dim is None else with_guidance_input(cond, w, self.dim, n, device)
+        return with_guidance_input(cond, w, self.dim, n, device)
+
+
+def guidance_input(model):
+    """How `model` is given the guidance scale, chosen once from its config so losses never branch on it."""
+    dim = embedded_guidance_dim(model)
+    return ClassifierFreeGuidance() if dim is None else EmbeddedGuidance(dim)
 
 
 def data_clip(teacher_info) -> float | None:
@@ -224,7 +237,7 @@ class ProgressiveDistiller(Distiller):
             raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
                               f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
         self.student_denoiser = self.teacher.with_model(copy_student(self.teacher.model), kind)
-        self.guided = Guided(self.teacher.model)  # the student inherits the teacher's inputs
+        self.guided = guidance_input(self.teacher.model)  # the student inherits the teacher's inputs
         if self.guided.dim is None and config.guidance_scale_min != config.guidance_scale_max:
             raise ConfigError("a range of guidance scales needs a student that takes the scale as input: distil the "
                               "teacher with method 'guidance' first (stage one), or set guidance_scale_max = _min")
@@ -367,7 +380,7 @@ class GuidanceDistiller(Distiller):
                               f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
         student = copy_student(self.teacher.model, time_cond_proj_dim=config.guidance_embedding_dim)
         self.student_denoiser = self.teacher.with_model(student, kind)
-        self.guided = Guided(student)
+        self.guided = guidance_input(student)
 
     @property
     def student(self):
