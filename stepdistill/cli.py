@@ -11,11 +11,11 @@ from .errors import StepdistillError
 
 def cmd_train(args):
     from .config import load_config
-    from .runner import run, student_dir
+    from .runner import run_stages, student_dir
 
     cfg = load_config(args.config, args.overrides)
-    run(cfg)
-    print(f"student written to {student_dir(cfg)}")
+    for stage in run_stages(cfg):
+        print(f"student written to {student_dir(stage)}")
 
 
 def cmd_quickstart(args):

@@ -1,8 +1,10 @@
 """The embedded default end to end: distil the digits teacher, export, sample, and print a quality table.
 
-Each method's run uses training_configs/digits/<config>.yaml. The table compares the student at
-its step counts with the teacher's DDIM (trailing spacing, x0 clipped to the data range) at the
-same steps and at 50, as a Frechet distance in the digits classifier's features.
+Each method's run uses training_configs/digits/<config>.yaml; a method that trains in several runs
+(progressive rounds) gets rows for every run's student. The table compares each student at its
+step counts (and guidance scales, for guidance-conditioned students) with the teacher's DDIM
+(trailing spacing, x0 clipped to the data range, CFG at the same scale) at the same steps and at
+1, 2, 4 and 50 steps, as a Frechet distance in the digits classifier's features.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from .errors import ConfigError
 from .eval.quality import DigitsFID, generate
 from .export import update_card_metrics
 from .paths import CONFIGS, DIGITS_TEACHER
-from .runner import run, student_dir
-from .teacher import load_teacher
+from .runner import build, run_stages, student_dir
+from .teacher import load_pipeline, load_teacher
 
 # method name -> config file under training_configs/digits/
 QUICKSTART_CONFIGS = {
@@ -29,6 +31,8 @@ QUICKSTART_CONFIGS = {
     "lcm": "lcm.yaml",
     "tcd": "tcd.yaml",
     "pcm": "pcm.yaml",
+    "progressive": "progressive.yaml",
+    "guidance": "guidance.yaml",
 }
 TEACHER_STEPS = (1, 2, 4, 50)
 
@@ -45,43 +49,60 @@ def _teacher_key(teacher_dir: Path, num_samples: int, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Path) -> list[dict]:
-    """The teacher's DDIM at 1, 2, 4 and 50 steps (cached per teacher weights, sample count and seed)."""
+def _point(steps: int, guidance) -> tuple[int, float]:
+    """A (steps, guidance scale) evaluation point; no guidance is scale 1."""
+    return int(steps), 1.0 if guidance is None else float(guidance)
+
+
+def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Path,
+                 points: list[tuple[int, float | None]] | None = None) -> list[dict]:
+    """The teacher's DDIM (with CFG where a guidance scale is given) at each (steps, guidance) point;
+    default: 1, 2, 4 and 50 steps unguided. Rows are cached per teacher weights, sample count and seed."""
+    points = list(dict.fromkeys(_point(*p) for p in (points or [(s, None) for s in TEACHER_STEPS])))
     key = _teacher_key(Path(teacher.source), num_samples, seed)
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == key:
-            return stored["rows"]
-    rows = []
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = {_point(r["steps"], r.get("guidance")): r for r in stored.get("rows", [])} if stored.get("key") == key else {}
     params = param_count(teacher.model)
-    for steps in TEACHER_STEPS:
+    for steps, w in points:
+        if (steps, w) in known:
+            continue
         grid = teacher.denoiser.schedule.sampling_grid(steps, "trailing")
-        images = generate(lambda z, c, g: solvers.sample(teacher.denoiser, z, grid, c, clip_x0=1.0),
+        images = generate(lambda z, c, g: solvers.sample(teacher.denoiser, z, grid, c, guidance=w, clip_x0=1.0),
                           num_samples, teacher.sample_shape, lambda b: teacher.conditioner.encode(b, "cpu"),
                           seed=seed)
-        rows.append({"model": "teacher", "sampler": "ddim", "steps": steps, "fid": fid(images), "params": params})
+        row = {"model": "teacher", "sampler": "ddim", "steps": steps, "fid": fid(images), "params": params}
+        if w != 1.0:
+            row["guidance"] = w
+        known[(steps, w)] = row
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    return rows
+    cache.write_text(json.dumps({"key": key, "rows": list(known.values())}, indent=1))
+    return [known[p] for p in points]
 
 
-def student_rows(trainer, fid: DigitsFID, num_samples: int, seed: int) -> list[dict]:
-    d = trainer.distiller
-    model = trainer.export_module()
+def stage_rows(cfg, fid: DigitsFID, num_samples: int, seed: int, model_name: str) -> list[dict]:
+    """One run's exported student at its export.steps and at each guidance scale its method evaluates."""
+    _, d, _ = build(cfg)
+    network = getattr(load_pipeline(str(student_dir(cfg))), d.teacher_info.model_key).to(d.device).eval()
     rows = []
-    for steps in trainer.cfg.export.steps:
-        images = generate(lambda z, c, g: d.sample(z, c, steps, generator=g, model=model), num_samples,
-                          d.teacher_info.sample_shape, lambda b: d.teacher_info.conditioner.encode(b, d.device),
-                          device=d.device, seed=seed)
-        rows.append({"model": d.name, "sampler": d.sampler_name, "steps": steps, "fid": fid(images),
-                     "params": param_count(d.student)})
+    for steps in cfg.export.steps:
+        for w in d.eval_guidance_scales():
+            kwargs = {} if w is None else {"guidance_scale": w}
+            images = generate(lambda z, c, g: d.sample(z, c, steps, generator=g, model=network, **kwargs), num_samples,
+                              d.teacher_info.sample_shape, lambda b: d.teacher_info.conditioner.encode(b, d.device),
+                              device=d.device, seed=seed)
+            row = {"model": model_name, "sampler": d.sampler_name, "steps": steps, "fid": fid(images),
+                   "params": param_count(network)}
+            if w is not None:
+                row["guidance"] = w
+            rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<14}{'sampler':<16}{'steps':>6}{'FID':>10}{'params':>12}"]
+    lines = [f"{'model':<14}{'sampler':<16}{'steps':>6}{'w':>6}{'FID':>10}{'params':>12}"]
     for r in rows:
-        lines.append(f"{r['model']:<14}{r['sampler']:<16}{r['steps']:>6}{r['fid']:>10.2f}{r['params']:>12,}")
+        w = f"{r['guidance']:g}" if "guidance" in r else "-"
+        lines.append(f"{r['model']:<14}{r['sampler']:<16}{r['steps']:>6}{w:>6}{r['fid']:>10.2f}{r['params']:>12,}")
     return "\n".join(lines)
 
 
@@ -99,15 +120,21 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
         start = time.perf_counter()
         cfg = load_config(CONFIGS / "digits" / QUICKSTART_CONFIGS[method],
                           [f"output_dir={out / method}", f"teacher={DIGITS_TEACHER}", *(overrides or [])])
-        trainer = run(cfg)
+        stages = run_stages(cfg)
         train_s = time.perf_counter() - start
-        method_rows = student_rows(trainer, fid, num_samples, seed)
-        update_card_metrics(student_dir(cfg), method_rows)
-        rows.extend(method_rows)
+        for stage in stages:  # a multi-run method (progressive rounds) gets rows for every run's student
+            stage_rows_ = stage_rows(stage, fid, num_samples, seed, method)
+            if len(stages) > 1:
+                for r in stage_rows_:
+                    r["run"] = str(Path(stage.output_dir).relative_to(out / method))
+            update_card_metrics(student_dir(stage), stage_rows_)
+            rows.extend(stage_rows_)
         print(f"{method}: trained in {train_s:.0f} s, evaluated in {time.perf_counter() - start - train_s:.0f} s; "
-              f"student in {student_dir(cfg)}", flush=True)
+              f"student in {student_dir(stages[-1])}", flush=True)
     teacher = load_teacher(str(DIGITS_TEACHER))
-    rows = teacher_rows(teacher, fid, num_samples, seed, out / "teacher_rows.json") + rows
+    # the teacher at 1/2/4/50 steps, and at every (steps, guidance) a student was measured at
+    points = [(s, None) for s in TEACHER_STEPS] + [(r["steps"], r.get("guidance")) for r in rows]
+    rows = teacher_rows(teacher, fid, num_samples, seed, out / "teacher_rows.json", points) + rows
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\nFrechet distance in the digits classifier's features ({num_samples} samples vs 1,797 real digits; "
           "lower is better)")

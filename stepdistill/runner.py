@@ -53,6 +53,35 @@ def student_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / "student"
 
 
+def stage_finished(cfg: RunConfig) -> bool:
+    """A run is finished when its final checkpoint (step train.max_steps) and its exported student exist."""
+    from .export import CARD_FILE
+    from .training import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    return (latest is not None and latest.name == f"step-{cfg.train.max_steps:08d}"
+            and (student_dir(cfg) / CARD_FILE).is_file())
+
+
+def run_stages(cfg: RunConfig, evaluator=None) -> list[RunConfig]:
+    """Run every stage a config stands for (Distiller.stages), skipping finished ones; returns the stages.
+
+    One-run methods have one stage, `cfg` itself, which always runs (resuming as `run` does). For
+    multi-run methods (progressive rounds) a crash in stage k leaves stages 1..k-1 finished, and the
+    next call skips them and resumes stage k from its own checkpoints.
+    """
+    stages = get_distiller_class(cfg.method).stages(cfg)
+    for i, stage in enumerate(stages, 1):
+        if len(stages) > 1:
+            tag = f"stage {i}/{len(stages)} ({stage.method}, {stage.output_dir})"
+            if stage_finished(stage):
+                print(f"{tag}: finished, skipped", flush=True)
+                continue
+            print(f"{tag}: training", flush=True)
+        run(stage, evaluator=evaluator)
+    return stages
+
+
 def export_run(run_dir, steps: int | None = None, weights: str | None = None, out=None) -> Path:
     """Export a run's latest checkpoint (`stepdistill export`)."""
     from .config import load_config

@@ -164,6 +164,14 @@ def schedule_from_scheduler_config(config) -> NoiseSchedule:
 # ----------------------------------------------------------------------------- timestep samplers
 
 
+def sample_training_times(schedule: NoiseSchedule, n: int, device=None) -> torch.Tensor:
+    """Uniform training times: a VP schedule's discrete timesteps (where its network was trained), else t in (0, 1]."""
+    if isinstance(schedule, VPSchedule):
+        k = torch.randint(0, schedule.num_train_timesteps, (n,), device=device)
+        return schedule.t_of_timestep(k).float()
+    return torch.rand(n, device=device).clamp(min=1e-4)
+
+
 def sample_uniform(n: int, device=None, generator=None, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, device=device, generator=generator)
 

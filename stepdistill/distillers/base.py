@@ -88,6 +88,20 @@ class Distiller(nn.Module):
         """Method-specific facts for the model card."""
         return {}
 
+    def eval_guidance_scales(self) -> list[float | None]:
+        """Guidance scales the student is evaluated at (None: its sampler's default)."""
+        return [None]
+
+    @classmethod
+    def stages(cls, cfg) -> list:
+        """The runs one config stands for, in order; default: itself.
+
+        A method that trains in several runs (progressive rounds, each taught by the previous run's
+        exported student) expands here. Each stage is a whole run with its own output_dir, so it
+        checkpoints and resumes on its own and the trainer never knows about stages.
+        """
+        return [cfg]
+
     @property
     def device(self) -> torch.device:
         return next(self.teacher.model.parameters()).device

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from .. import solvers
 from ..conditioning import drop_conditions
 from ..config import check_range, option
-from ..schedules import VPSchedule, sample_logit_normal
+from ..schedules import sample_logit_normal, sample_training_times
 from .base import Distiller, DistillerConfig, register
 
 
@@ -48,13 +48,9 @@ class DiffusionTraining(Distiller):
         return [self.codec]
 
     def sample_times(self, n: int, device) -> torch.Tensor:
-        schedule = self.teacher.schedule
         if self.config.timesteps == "logit_normal":
             return sample_logit_normal(n, device=device).clamp(1e-4, 1.0)
-        if isinstance(schedule, VPSchedule):  # the discrete DDPM timesteps the network is evaluated on
-            k = torch.randint(0, schedule.num_train_timesteps, (n,), device=device)
-            return schedule.t_of_timestep(k).float()
-        return torch.rand(n, device=device).clamp(min=1e-4)
+        return sample_training_times(self.teacher.schedule, n, device)
 
     def loss(self, batch, step):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)

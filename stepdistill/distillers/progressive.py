@@ -1,0 +1,441 @@
+"""Progressive distillation (Salimans & Ho 2022) and classifier-free guidance distillation (Meng et al. 2023).
+
+Progressive distillation (arXiv 2202.00512, Algorithm 2). A student that samples in N DDIM steps
+starts as a copy of its teacher (which samples in 2N). At a point t of the student's grid, with
+t' the teacher's intermediate grid point and t'' the student's next one, the teacher takes two
+DDIM steps z_t -> z_t' -> z_t'', and the student learns the x-prediction that makes its single
+DDIM step t -> t'' land on z_t'':
+
+    x_tilde = (z_t'' - (s_t''/s_t) z_t) / (a_t'' - (s_t''/s_t) a_t)
+    loss    = w(t) ||x_hat_student(z_t) - x_tilde||^2,   w = max(SNR_t, 1)  or  SNR_t + 1
+
+The student's head is v (or x) whatever the teacher predicts, since an eps head cannot give x at
+SNR 0 (the top of a one-step grid). One run trains one round; `stages` expands a config into
+rounds N0/2, N0/4, ..., each its own run in its own folder (own checkpoints, own export), whose
+exported student is the next round's teacher.
+
+Guidance distillation (arXiv 2210.03142, stage one). A student with a guidance-scale input
+(LCM-style embedding fed as `timestep_cond`, zero-initialised) learns the teacher's classifier-free
+guided x-prediction for scales w drawn from a range, so that one forward pass replaces two:
+
+    loss = w(t) ||x_hat_student(z_t, w) - (x_u + w (x_c - x_u))||^2
+
+(scales in diffusers' convention, w = 1 is no guidance; the paper's w is ours minus one). Stage two
+is progressive distillation of that student, with the same w given to teacher and student.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from .. import solvers
+from ..conditioning import guidance_embedding
+from ..config import check_range, option
+from ..errors import ConfigError
+from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule, sample_training_times
+from .base import Distiller, DistillerConfig, register
+from .consistency import copy_student
+
+# the student's head when prediction_type = auto: well-posed at SNR 0 (v; for flow models their velocity)
+AUTO_PREDICTION = {VPSchedule: "v_prediction", FlowSchedule: "flow"}
+EXPORTABLE = {VPSchedule: ("v_prediction", "sample"), FlowSchedule: ("flow",)}
+# pipelines whose loop feeds the scheduler's raw sample to the network (no scale_model_input /
+# init_noise_sigma), so only VP-space schedulers (DDIM) sample them correctly
+VP_SPACE_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def loss_weight(a: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    """w(t) on the x-space error (Salimans & Ho, Sec. 4): max(SNR, 1) ('truncated SNR') or SNR + 1 (= v-MSE)."""
+    snr = (a / s) ** 2
+    return snr.clamp(min=1.0) if kind == "truncated_snr" else snr + 1.0
+
+
+def ddim_target(z_t, z_next, a_t, s_t, a_next, s_next) -> torch.Tensor:
+    """The x that makes one DDIM step z_t -> t'' land on z_next (Salimans & Ho, Algorithm 2)."""
+    r = s_next / s_t
+    return (z_next - r * z_t) / (a_next - r * a_t)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of weight * (per-example mean squared error)."""
+    per_example = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return (weight.reshape(-1) * per_example).mean()
+
+
+def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The student's descending times t_0 = top > ... > t_steps = 0: trailing DDIM (or flow Euler) grid, clean end."""
+    grid = schedule.sampling_grid(steps, "trailing").double()
+    grid[-1] = 0.0
+    return grid.float()
+
+
+def step_grids(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid, mid): the student's grid and the teacher's intermediate point inside each of its steps.
+
+    The trailing VP grid for N steps is every other point of the one for 2N, so mid is exactly the
+    previous round's own grid; flow grids are not nested, and there mid is the midpoint in t.
+    """
+    grid = student_grid(schedule, steps)
+    fine = student_grid(schedule, 2 * steps)
+    nested = torch.allclose(fine[::2], grid, atol=1e-7, rtol=0)
+    mid = fine[1::2] if nested else 0.5 * (grid[:-1] + grid[1:])
+    return grid, mid
+
+
+def with_guidance_input(cond: dict, w: torch.Tensor | None, dim: int, n: int, device) -> dict:
+    """Condition dict plus the guidance-scale embedding of w - 1 as `timestep_cond` (w=None: scale 1)."""
+    w = torch.ones(n) if w is None else w
+    return {**cond, "timestep_cond": guidance_embedding(w.detach().cpu() - 1.0, dim).to(device)}
+
+
+def embedded_guidance_dim(model) -> int | None:
+    """The size of a network's guidance-scale input (time_cond_proj_dim), or None if it has none."""
+    return getattr(model, "config", {}).get("time_cond_proj_dim")
+
+
+class ClassifierFreeGuidance:
+    """A network without a scale input: guidance mixes its conditional and null predictions (two passes)."""
+
+    dim = None
+
+    def predict(self, denoiser, x, t, cond, w):
+        return denoiser.predict(x, t, cond, guidance=w)  # w=None: the conditional prediction alone
+
+    def student_cond(self, cond, w, n, device):
+        return cond
+
+
+class EmbeddedGuidance:
+    """A guidance-distilled network: w enters as the `timestep_cond` embedding (one pass)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def predict(self, denoiser, x, t, cond, w):
+        return denoiser.predict(x, t, with_guidance_input(cond, w, self.dim, x.shape[0], x.device))
+
+    def student_cond(self, cond, w, n, device):
+        return with_guidance_input(cond, w, self.dim, n, device)
+
+
+def guidance_input(model):
+    """How `model` is given the guidance scale, chosen once from its config so losses never branch on it."""
+    dim = embedded_guidance_dim(model)
+    return ClassifierFreeGuidance() if dim is None else EmbeddedGuidance(dim)
+
+
+def data_clip(teacher_info) -> float | None:
+    """x0 clipping to the data range where the teacher's scheduler clips (pixel teachers; never latents)."""
+    cfg = teacher_info.pipeline.scheduler.config
+    if teacher_info.codec.latent or not cfg.get("clip_sample", False):
+        return None
+    return float(cfg.get("clip_sample_range", 1.0))
+
+
+def grid_scheduler(teacher_info, prediction_type: str, steps: int):
+    """A diffusers scheduler whose `steps`-step loop is exactly DDIM on `student_grid(steps)`.
+
+    DDIMScheduler (trailing) steps by T // N, which lands on the next grid point only when N divides
+    T; otherwise EulerDiscreteScheduler (trailing, final sigma 0) does the same deterministic update in
+    sigma = s / a coordinates and lands exactly. Pipelines that skip scale_model_input (DDPMPipeline)
+    keep DDIM, which is then within one training timestep of the grid. Flow teachers get flow Euler.
+    DDIM clips x0 to the data range as the teacher's scheduler does (`data_clip`); Euler cannot clip.
+    """
+    cfg = teacher_info.pipeline.scheduler.config
+    schedule = teacher_info.denoiser.schedule
+    if isinstance(schedule, FlowSchedule):
+        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    exact_ddim = schedule.num_train_timesteps % steps == 0
+    if exact_ddim or teacher_info.pipeline_class in VP_SPACE_PIPELINES:
+        clip = data_clip(teacher_info)
+        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
+                                         set_alpha_to_one=True, steps_offset=0, clip_sample=clip is not None,
+                                         clip_sample_range=clip or 1.0, thresholding=False)
+    return EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
+                                              final_sigmas_type="zero", interpolation_type="linear",
+                                              use_karras_sigmas=False, timestep_type="discrete", steps_offset=0)
+
+
+def sampler_clip(scheduler) -> float | None:
+    """The x0 clipping an exported scheduler applies, which the student's own sampler then applies too."""
+    cfg = scheduler.config
+    return float(cfg.get("clip_sample_range", 1.0)) if isinstance(scheduler, DDIMScheduler) and cfg.get("clip_sample") else None
+
+
+def _check_guidance_range(prefix: str, lo: float, hi: float) -> None:
+    check_range(f"{prefix}.guidance_scale_min", lo, 0)
+    if hi < lo:
+        raise ConfigError(f"{prefix}.guidance_scale_max = {hi} is below {prefix}.guidance_scale_min = {lo}")
+
+
+# ----------------------------------------------------------------------------- progressive distillation
+
+
+@dataclass
+class ProgressiveConfig(DistillerConfig):
+    start_steps: int = option(1024, "teacher's DDIM steps at round 1; round r's student samples in start_steps / 2^r "
+                                    "(paper: 8192 CIFAR-10, 1024 ImageNet 64 / LSUN)")
+    end_steps: int = option(1, "steps of the last round's student (paper: 1)")
+    round: int = option(0, "the round this run trains (1: start_steps -> start_steps / 2); 0: every round, each its "
+                           "own run in output_dir/round-RR-Nsteps whose exported student teaches the next")
+    prediction_type: Literal["auto", "v_prediction", "sample", "flow"] = option(
+        "auto", "student head: auto = v for VP teachers, the flow velocity for flow teachers; 'sample' = x "
+                "(paper: x on CIFAR-10, v or x+eps mix elsewhere; never eps, undefined at SNR 0)")
+    weighting: Literal["truncated_snr", "snr_plus_one"] = option(
+        "truncated_snr", "w(t) on the x error: max(SNR, 1) (paper's runs) or SNR + 1 (= MSE in v)")
+    guidance_scale_min: float = option(1.0, "guidance scale (diffusers convention, 1 = none) drawn per example from "
+                                            "[min, max]: the teacher's CFG, or the w input of a guidance-distilled teacher "
+                                            "and student (stage two of guidance distillation)")
+    guidance_scale_max: float = option(1.0, "upper end of the guidance-scale range")
+    eval_guidance_scales: list[float] = option([], "guidance scales a guidance-embedded student is evaluated at "
+                                                   "(empty: guidance_scale_min)")
+
+    def __post_init__(self):
+        check_range("distill.end_steps", self.end_steps, 1)
+        check_range("distill.start_steps", self.start_steps, 2 * self.end_steps)
+        ratio = self.start_steps // self.end_steps
+        if self.start_steps % self.end_steps or ratio & (ratio - 1):
+            raise ConfigError(f"distill.start_steps / distill.end_steps = {self.start_steps} / {self.end_steps} must be "
+                              "a power of two (each round halves the steps)")
+        check_range("distill.round", self.round, 0, self.num_rounds)
+        _check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
+
+    @property
+    def num_rounds(self) -> int:
+        return int(math.log2(self.start_steps // self.end_steps))
+
+    def student_steps(self, round_: int) -> int:
+        return self.start_steps >> round_
+
+
+@register("progressive")
+class ProgressiveDistiller(Distiller):
+    """One round of progressive distillation: a student in N DDIM steps matches its teacher's 2N."""
+
+    config_class = ProgressiveConfig
+    paper = {"title": "Progressive Distillation for Fast Sampling of Diffusion Models", "arxiv": "2202.00512"}
+    sampler_name = "ddim"
+
+    def __init__(self, teacher, config: ProgressiveConfig):
+        super().__init__(teacher, config)
+        if config.round == 0:
+            raise ConfigError("distill.round = 0 stands for all rounds, which are separate runs: start them with "
+                              "`stepdistill train` (or runner.run_stages), or set distill.round to one round")
+        schedule = self.teacher.schedule
+        kind = AUTO_PREDICTION[type(schedule)] if config.prediction_type == "auto" else config.prediction_type
+        if kind not in EXPORTABLE[type(schedule)]:
+            raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
+                              f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+        self.student_denoiser = self.teacher.with_model(copy_student(self.teacher.model), kind)
+        self.guided = guidance_input(self.teacher.model)  # the student inherits the teacher's inputs
+        if self.guided.dim is None and config.guidance_scale_min != config.guidance_scale_max:
+            raise ConfigError("a range of guidance scales needs a student that takes the scale as input: distil the "
+                              "teacher with method 'guidance' first (stage one), or set guidance_scale_max = _min")
+        self.steps = config.student_steps(config.round)
+        self.grid, self.mid = step_grids(schedule, self.steps)
+
+    @property
+    def student(self):
+        return self.student_denoiser.model
+
+    def draw_guidance(self, n: int, device) -> torch.Tensor | None:
+        lo, hi = self.config.guidance_scale_min, self.config.guidance_scale_max
+        if lo == hi == 1.0 and self.guided.dim is None:
+            return None  # unguided teacher: one pass
+        return lo + (hi - lo) * torch.rand(n, device=device)
+
+    @torch.no_grad()
+    def teacher_two_steps(self, z_t, t, t_mid, t_next, cond, w):
+        """Two deterministic DDIM steps of the teacher, t -> t' -> t'' (no x clipping, as the paper's code)."""
+        den = self.teacher
+        z_mid = solvers.ddim_step(den, z_t, t, t_mid, pred=self.guided.predict(den, z_t, t, cond, w))
+        return solvers.ddim_step(den, z_mid, t_mid, t_next, pred=self.guided.predict(den, z_mid, t_mid, cond, w))
+
+    def loss(self, batch, step):
+        x0, cond = self.teacher_info.encode_batch(batch, self.device)
+        n = x0.shape[0]
+        i = torch.randint(0, self.steps, (n,), device=x0.device)
+        grid, mid = self.grid.to(x0.device), self.mid.to(x0.device)
+        t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
+        z_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
+        w = self.draw_guidance(n, x0.device)
+        z_next = self.teacher_two_steps(z_t, t, t_mid, t_next, cond, w)
+        a, s = self.teacher.alpha_sigma(t, x0)
+        a_next, s_next = self.teacher.alpha_sigma(t_next, x0)
+        x_tilde = ddim_target(z_t, z_next, a, s, a_next, s_next)
+        s_cond = self.guided.student_cond(cond, w, n, x0.device)
+        x_hat = self.student_denoiser.x0(z_t, t, s_cond)
+        return {"student": weighted_mse(x_hat, x_tilde, loss_weight(a, s, self.config.weighting))}
+
+    # -- sampling and export -------------------------------------------------------------------
+    def default_guidance(self) -> float:
+        return self.config.guidance_scale_min
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
+        """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other), as exported."""
+        den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
+        n = noise.shape[0]
+        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.default_guidance())
+        s_cond = self.guided.student_cond(cond or {}, w, n, noise.device)
+        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond,
+                              clip_x0=sampler_clip(self.export_scheduler(steps)))
+
+    def export_scheduler(self, steps):
+        return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
+
+    def eval_guidance_scales(self):
+        if self.guided.dim is None:
+            return [None]
+        return list(self.config.eval_guidance_scales) or [self.default_guidance()]
+
+    def model_card(self):
+        card = {"round": self.config.round, "student_steps": self.steps, "teacher_steps": 2 * self.steps,
+                "prediction_type": self.student_denoiser.prediction_type, "weighting": self.config.weighting,
+                "sampling": f"deterministic DDIM on the trailing {self.steps}-step grid"}
+        if self.guided.dim is not None:
+            card["guidance"] = "embedded: pass guidance_scale; one network pass per step"
+        return card
+
+    @classmethod
+    def stages(cls, cfg):
+        """Round r (1..R) as its own run: output_dir/round-RR-Nsteps, taught by round r-1's exported student."""
+        if cfg.distill.round:
+            return [cfg]
+        runs, teacher = [], cfg.teacher
+        for r in range(1, cfg.distill.num_rounds + 1):
+            steps = cfg.distill.student_steps(r)
+            stage = copy.deepcopy(cfg)
+            stage.distill = replace(cfg.distill, round=r)
+            stage.teacher = teacher
+            stage.output_dir = str(Path(cfg.output_dir) / f"round-{r:02d}-{steps}steps")
+            stage.export.steps = [steps]
+            runs.append(stage)
+            teacher = str(Path(stage.output_dir) / "student")
+        return runs
+
+
+# ----------------------------------------------------------------------------- guidance distillation
+
+
+@dataclass
+class GuidanceConfig(DistillerConfig):
+    guidance_scale_min: float = option(1.0, "lower end of the guidance scales w the student learns (diffusers "
+                                            "convention, 1 = none; paper: w_paper = 0, i.e. 1 here)")
+    guidance_scale_max: float = option(5.0, "upper end (paper: w_paper = 4 on ImageNet 64 / CIFAR-10, i.e. 5 here)")
+    guidance_embedding_dim: int = option(256, "size of the student's w input (time_cond_proj_dim; LCM: 256)")
+    prediction_type: Literal["auto", "v_prediction", "sample", "flow"] = option(
+        "auto", "student head (auto: v for VP teachers, flow velocity for flow teachers), kept through stage two")
+    weighting: Literal["truncated_snr", "snr_plus_one"] = option("truncated_snr", "w(t) on the x error")
+    eval_guidance_scales: list[float] = option([1.0, 2.0, 4.0], "guidance scales the student is evaluated at")
+    progressive_start_steps: int = option(0, "stage two: progressive distillation of the guided student starting "
+                                             "from its DDIM at this many steps (0: stage one only)")
+    progressive_end_steps: int = option(1, "stage two: steps of the last round's student")
+    progressive_max_steps: int = option(0, "stage two: optimizer steps per round (0: train.max_steps)")
+    progressive_learning_rate: float = option(0.0, "stage two: learning rate (0: train.learning_rate)")
+
+    def __post_init__(self):
+        _check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
+        check_range("distill.guidance_embedding_dim", self.guidance_embedding_dim, 2)
+        check_range("distill.progressive_start_steps", self.progressive_start_steps, 0)
+        check_range("distill.progressive_max_steps", self.progressive_max_steps, 0)
+        check_range("distill.progressive_learning_rate", self.progressive_learning_rate, 0)
+        if self.progressive_start_steps:
+            self.stage_two(1)  # validates the round structure now
+
+    def stage_two(self, round_: int = 0) -> ProgressiveConfig:
+        return ProgressiveConfig(start_steps=self.progressive_start_steps, end_steps=self.progressive_end_steps,
+                                 round=round_, prediction_type=self.prediction_type, weighting=self.weighting,
+                                 guidance_scale_min=self.guidance_scale_min, guidance_scale_max=self.guidance_scale_max,
+                                 eval_guidance_scales=list(self.eval_guidance_scales))
+
+
+@register("guidance")
+class GuidanceDistiller(Distiller):
+    """Stage one of guidance distillation: one w-conditioned pass matches the teacher's two-pass CFG."""
+
+    config_class = GuidanceConfig
+    paper = {"title": "On Distillation of Guided Diffusion Models", "arxiv": "2210.03142"}
+    sampler_name = "ddim"
+
+    def __init__(self, teacher, config: GuidanceConfig):
+        super().__init__(teacher, config)
+        if self.teacher.null_cond is None:
+            raise ConfigError("guidance distillation needs a conditional teacher with a null condition "
+                              "(classifier-free guidance); this teacher has none")
+        schedule = self.teacher.schedule
+        kind = AUTO_PREDICTION[type(schedule)] if config.prediction_type == "auto" else config.prediction_type
+        if kind not in EXPORTABLE[type(schedule)]:
+            raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
+                              f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+        student = copy_student(self.teacher.model, time_cond_proj_dim=config.guidance_embedding_dim)
+        self.student_denoiser = self.teacher.with_model(student, kind)
+        self.guided = guidance_input(student)
+
+    @property
+    def student(self):
+        return self.student_denoiser.model
+
+    def loss(self, batch, step):
+        x0, cond = self.teacher_info.encode_batch(batch, self.device)
+        n = x0.shape[0]
+        t = sample_training_times(self.teacher.schedule, n, x0.device)
+        z_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
+        lo, hi = self.config.guidance_scale_min, self.config.guidance_scale_max
+        w = lo + (hi - lo) * torch.rand(n, device=x0.device)
+        with torch.no_grad():
+            target = self.teacher.x0(z_t, t, cond, guidance=w)
+        x_hat = self.student_denoiser.x0(z_t, t, self.guided.student_cond(cond, w, n, x0.device))
+        a, s = self.teacher.alpha_sigma(t, x0)
+        return {"student": weighted_mse(x_hat, target, loss_weight(a, s, self.config.weighting))}
+
+    @torch.no_grad()
+    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
+        """Deterministic DDIM (trailing grid) with w embedded, as exported: one network pass per step."""
+        den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
+        n = noise.shape[0]
+        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.config.guidance_scale_min)
+        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps),
+                              self.guided.student_cond(cond or {}, w, n, noise.device),
+                              clip_x0=sampler_clip(self.export_scheduler(steps)))
+
+    def export_scheduler(self, steps):
+        return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
+
+    def eval_guidance_scales(self):
+        return list(self.config.eval_guidance_scales)
+
+    def model_card(self):
+        return {"prediction_type": self.student_denoiser.prediction_type,
+                "guidance": f"embedded w in [{self.config.guidance_scale_min}, {self.config.guidance_scale_max}]: "
+                            "pass guidance_scale; one network pass per step"}
+
+    @classmethod
+    def stages(cls, cfg):
+        """Stage one in output_dir/guided; with progressive_start_steps, stage two's rounds in output_dir/progressive."""
+        d = cfg.distill
+        if not d.progressive_start_steps:
+            return [cfg]
+        one = copy.deepcopy(cfg)
+        one.distill = replace(d, progressive_start_steps=0)
+        one.output_dir = str(Path(cfg.output_dir) / "guided")
+        two = copy.deepcopy(cfg)
+        two.method = ProgressiveDistiller.name
+        two.distill = d.stage_two()
+        two.teacher = str(Path(one.output_dir) / "student")
+        two.output_dir = str(Path(cfg.output_dir) / "progressive")
+        if d.progressive_max_steps:
+            two.train.max_steps = d.progressive_max_steps
+        if d.progressive_learning_rate:
+            two.train.learning_rate = d.progressive_learning_rate
+        return [one, *ProgressiveDistiller.stages(two)]
