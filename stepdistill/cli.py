@@ -18,6 +18,28 @@ def cmd_train(args):
         print(f"student written to {student_dir(stage)}")
 
 
+def train_script(doc: str, default_config: str, methods: tuple[str, ...], argv=None) -> int:
+    """The body of scripts/train_<family>.py: `--config FILE key=value ...`, refused for other families' methods."""
+    from .config import load_config
+    from .runner import run_stages, student_dir
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.method not in methods:
+            raise StepdistillError(f"{args.config}: method {cfg.method!r} is not one of this script's "
+                                   f"({', '.join(methods)}); use `stepdistill train {args.config}`")
+        for stage in run_stages(cfg):
+            print(f"student written to {student_dir(stage)}")
+    except StepdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_quickstart(args):
     from .quickstart import QUICKSTART_CONFIGS, quickstart
 

@@ -1,6 +1,7 @@
 """LCM: the w-embedding, LoRA students through peft, LCM-LoRA on tiny SD1.5 / SDXL pipelines loaded back in plain
 diffusers, LPIPS, data-free prompt batches."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,19 +173,35 @@ def test_lora_only_export_writes_adapters_and_scheduler(sd15_teacher, request, t
     assert "load_lora_weights" in (student / "README.md").read_text()
 
 
-def test_train_consistency_script(class_teacher, tmp_path):
-    import importlib.util
+def _run_script(name: str, args: list[str], monkeypatch) -> int:
+    """Run scripts/<name>.py as `python scripts/<name>.py ARGS` would; returns its exit status."""
+    import runpy
 
     from stepdistill.paths import PROJECT_ROOT
 
-    spec = importlib.util.spec_from_file_location("train_consistency", PROJECT_ROOT / "scripts" / "train_consistency.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    path = PROJECT_ROOT / "scripts" / f"{name}.py"
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(path), run_name="__main__")
+    return exit_.value.code
+
+
+def test_train_consistency_script(class_teacher, tmp_path, monkeypatch, capsys):
+    from stepdistill.paths import PROJECT_ROOT
+
     args = ["--config", str(PROJECT_ROOT / "training_configs/digits/tcd.yaml"), f"teacher={class_teacher}",
             f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=4", "train.report_to=none",
             "train.progress_bar=false", "train.num_sample_images=2"]
-    assert script.main(args) == 0 and (tmp_path / "student" / "model_index.json").is_file()
-    assert script.main([*args, "distill.gamma=2"]) == 2  # a bad value stops with a message, no traceback
+    assert _run_script("train_consistency", args, monkeypatch) == 0
+    assert (tmp_path / "student" / "model_index.json").is_file()
+    assert _run_script("train_consistency", [*args, "distill.gamma=2"], monkeypatch) == 2  # message, no traceback
+    assert "gamma" in capsys.readouterr().err
+    progressive = ["--config", str(PROJECT_ROOT / "training_configs/digits/progressive.yaml"),
+                   f"teacher={class_teacher}", f"output_dir={tmp_path / 'p'}"]
+    assert _run_script("train_consistency", progressive, monkeypatch) == 2  # another family's config
+    assert "not one of this script's" in capsys.readouterr().err
+    assert _run_script("train_progressive", args, monkeypatch) == 2  # and the other way round
+    assert "use `stepdistill train" in capsys.readouterr().err
 
 
 class TestSDXLLCMLoRASuite(DistillerSuite):
