@@ -80,29 +80,40 @@ def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Pa
 
 
 def stage_rows(cfg, fid: DigitsFID, num_samples: int, seed: int, model_name: str) -> list[dict]:
-    """One run's exported student at its export.steps and at each guidance scale its method evaluates."""
+    """One run's exported student at its export.steps and at each guidance scale its method evaluates, and
+    each milestone student (Distiller.milestones) at its own steps, marked with its folder as "run"."""
     _, d, _ = build(cfg)
-    network = getattr(load_pipeline(str(student_dir(cfg))), d.teacher_info.model_key).to(d.device).eval()
+    exports = [(student_dir(cfg), cfg.export.steps, None)]
+    exports += [(Path(cfg.output_dir) / folder, [steps], folder) for _, folder, steps in d.milestones()]
     rows = []
-    for steps in cfg.export.steps:
-        for w in d.eval_guidance_scales():
-            kwargs = {} if w is None else {"guidance_scale": w}
-            images = generate(lambda z, c, g: d.sample(z, c, steps, generator=g, model=network, **kwargs), num_samples,
-                              d.teacher_info.sample_shape, lambda b: d.teacher_info.conditioner.encode(b, d.device),
-                              device=d.device, seed=seed)
-            row = {"model": model_name, "sampler": d.sampler_name, "steps": steps, "fid": fid(images),
-                   "params": param_count(network)}
-            if w is not None:
-                row["guidance"] = w
-            rows.append(row)
+    for folder, step_counts, run_name in exports:
+        network = getattr(load_pipeline(str(folder)), d.teacher_info.model_key).to(d.device).eval()
+        these = []
+        for steps in step_counts:
+            for w in d.eval_guidance_scales():
+                kwargs = {} if w is None else {"guidance_scale": w}
+                images = generate(lambda z, c, g: d.sample(z, c, steps, generator=g, model=network, **kwargs),
+                                  num_samples, d.teacher_info.sample_shape,
+                                  lambda b: d.teacher_info.conditioner.encode(b, d.device), device=d.device, seed=seed)
+                row = {"model": model_name, "sampler": d.sampler_name, "steps": steps, "fid": fid(images),
+                       "params": param_count(network)}
+                if w is not None:
+                    row["guidance"] = w
+                if run_name is not None:
+                    row["run"] = run_name
+                these.append(row)
+        update_card_metrics(folder, these)
+        rows.extend(these)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<14}{'sampler':<16}{'steps':>6}{'w':>6}{'FID':>10}{'params':>12}"]
+    """The rows as a text table; a row from a milestone student names its folder after the model."""
+    lines = [f"{'model':<24}{'sampler':<16}{'steps':>6}{'w':>6}{'FID':>10}{'params':>12}"]
     for r in rows:
         w = f"{r['guidance']:g}" if "guidance" in r else "-"
-        lines.append(f"{r['model']:<14}{r['sampler']:<16}{r['steps']:>6}{w:>6}{r['fid']:>10.2f}{r['params']:>12,}")
+        model = f"{r['model']} ({r['run']})" if r.get("run", "").startswith("student-") else r["model"]
+        lines.append(f"{model:<24}{r['sampler']:<16}{r['steps']:>6}{w:>6}{r['fid']:>10.2f}{r['params']:>12,}")
     return "\n".join(lines)
 
 
@@ -127,7 +138,6 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
             if len(stages) > 1:
                 for r in stage_rows_:
                     r["run"] = str(Path(stage.output_dir).relative_to(out / method))
-            update_card_metrics(student_dir(stage), stage_rows_)
             rows.extend(stage_rows_)
         print(f"{method}: trained in {train_s:.0f} s, evaluated in {time.perf_counter() - start - train_s:.0f} s; "
               f"student in {student_dir(stages[-1])}", flush=True)

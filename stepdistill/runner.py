@@ -41,9 +41,8 @@ def run(cfg: RunConfig, evaluator=None) -> Trainer:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainer.train()
     if trainer.accelerator.is_main_process:
-        export_student(distiller, student_dir(cfg), cfg.export.steps[0], model=trainer.export_module(),
-                       config=to_dict(cfg), lora_only=cfg.export.lora_only)
-        for steps in cfg.export.steps:
+        trainer.export(student_dir(cfg), cfg.export.steps[0])
+        for steps in cfg.export.steps[1:]:
             trainer.sample_grid(out / "samples" / f"student-{steps}step.png", steps)
     trainer.finish()
     return trainer

@@ -25,6 +25,19 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _all_cores_for_end_to_end_runs(request):
+    """The slow end-to-end runs train the real digits student: they get every core, as the quickstart does."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def class_teacher(tmp_path_factory):
     """A saved tiny class-conditional teacher (the digits teacher's architecture at toy size)."""
@@ -79,3 +92,11 @@ def prompt_file(tmp_path_factory):
     from tiny_models import write_prompt_file
 
     return write_prompt_file(tmp_path_factory.mktemp("data") / "prompts.txt")
+
+
+@pytest.fixture(scope="session")
+def quickstart_dir(tmp_path_factory):
+    """One output folder for the slow full-length quickstart runs, so the teacher's rows (cached per teacher,
+    sample count and seed in teacher_rows.json) are measured once, not once per method."""
+    return tmp_path_factory.mktemp("quickstart")
+

@@ -25,6 +25,33 @@ def test_stage_plan_halves_phases(class_teacher, tmp_path):
     assert d.phases_at(0) == d.phases_at(999) == 3
 
 
+def test_each_stage_leaves_its_k_step_student(class_teacher, tmp_path):
+    """Hyper-SD ships one student per stage: with K = 4 -> 2 -> 1, the run exports the K=4 student after stage one
+    and the K=2 student after stage two (loadable pipelines with a DDIM scheduler at K steps), and the final K=1
+    student as usual. The stage-one export holds the weights a run stopped at that step ends with."""
+    import json
+
+    opts = ["distill.stage_phases=[4,2,1]", "distill.stage_steps=2", "train.lr_scheduler=constant",
+            "train.ema_decays=[]", "train.export_weights=student"]
+    run(tiny_config("digits/pcm.yaml", class_teacher, tmp_path / "full", "train.max_steps=5", *opts))
+    for folder, steps in (("student-4phases", 4), ("student-2phases", 2)):
+        pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "full" / folder)
+        assert pipe.config.default_steps == steps
+        assert json.loads((tmp_path / "full" / folder / "stepdistill.json").read_text())["steps"] == steps
+        assert (tmp_path / "full" / "samples" / f"{folder}-{steps}step.png").is_file()
+    assert not (tmp_path / "full" / "student-1phases").exists()  # the last stage is the final student
+    assert ClassConditionalPipeline.from_pretrained(tmp_path / "full" / "student").config.default_steps == 1
+
+    run(tiny_config("digits/pcm.yaml", class_teacher, tmp_path / "short", "train.max_steps=2", *opts))
+    stage_one = ClassConditionalPipeline.from_pretrained(tmp_path / "full" / "student-4phases").unet.state_dict()
+    at_step_two = ClassConditionalPipeline.from_pretrained(tmp_path / "short" / "student").unet.state_dict()
+    assert not (tmp_path / "short" / "student-4phases").exists()  # a run's last step is its final export
+    for k, v in at_step_two.items():
+        torch.testing.assert_close(stage_one[k], v, rtol=0, atol=0)
+    final = ClassConditionalPipeline.from_pretrained(tmp_path / "full" / "student").unet.state_dict()
+    assert any(not torch.equal(final[k], v) for k, v in at_step_two.items())
+
+
 def test_teacher_step_stops_at_the_phase_edge_and_the_target_is_then_x_prev(class_teacher, tmp_path):
     d = _pcm(class_teacher, tmp_path, "distill.stage_phases=[4]")
     t, t_end, edge = d.draw_times(2000, "cpu", 0)

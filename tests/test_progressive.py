@@ -383,13 +383,14 @@ def test_quickstart_gives_every_round_and_scale_its_row_and_the_teacher_the_same
 
 
 @pytest.mark.slow
-def test_quickstart_progressive_students_beat_the_teachers_ddim_at_one_and_two_steps(tmp_path):
+def test_quickstart_progressive_students_beat_the_teachers_ddim_at_one_and_two_steps(quickstart_dir):
     """The embedded default at full length: every round's student beats the teacher's DDIM at 1 and 2 steps."""
     import json
 
     from stepdistill.cli import main
 
-    assert main(["quickstart", "--method", "progressive", "--output-dir", str(tmp_path), "train.progress_bar=false"]) == 0
-    fid = {(r["model"], r["steps"]): r["fid"] for r in json.loads((tmp_path / "results.json").read_text())}
+    assert main(["quickstart", "--method", "progressive", "--output-dir", str(quickstart_dir),
+                 "train.progress_bar=false"]) == 0
+    fid = {(r["model"], r["steps"]): r["fid"] for r in json.loads((quickstart_dir / "results.json").read_text())}
     assert fid["progressive", 1] < fid["teacher", 2] < fid["teacher", 1]
     assert fid["progressive", 2] < fid["teacher", 2]

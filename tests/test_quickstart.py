@@ -24,9 +24,9 @@ def test_quickstart_machinery_on_the_embedded_teacher(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quickstart_cd_beats_teacher_ddim_at_two_and_four_steps(tmp_path):
+def test_quickstart_cd_beats_teacher_ddim_at_two_and_four_steps(quickstart_dir):
     """The embedded default at full length: the consistency student beats the teacher's DDIM at 2 and 4 steps."""
-    assert main(["quickstart", "--method", "cd", "--output-dir", str(tmp_path), "train.progress_bar=false"]) == 0
-    fid = {(r["model"], r["steps"]): r["fid"] for r in json.loads((tmp_path / "results.json").read_text())}
+    assert main(["quickstart", "--method", "cd", "--output-dir", str(quickstart_dir), "train.progress_bar=false"]) == 0
+    fid = {(r["model"], r["steps"]): r["fid"] for r in json.loads((quickstart_dir / "results.json").read_text())}
     assert fid["cd", 2] < fid["teacher", 2]
     assert fid["cd", 4] < fid["teacher", 4]

@@ -92,6 +92,11 @@ class Distiller(nn.Module):
         """Guidance scales the student is evaluated at (None: its sampler's default)."""
         return [None]
 
+    def milestones(self) -> list[tuple[int, str, int]]:
+        """Students exported during the run besides the final one: (optimizer step, folder under output_dir,
+        sampling steps). Hyper-SD's stages each leave one (its K-step student); default none."""
+        return []
+
     @classmethod
     def stages(cls, cfg) -> list:
         """The runs one config stands for, in order; default: itself.

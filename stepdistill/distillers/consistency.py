@@ -508,6 +508,11 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
             return self.config.num_phases
         return plan[min(step // max(self.config.stage_steps, 1), len(plan) - 1)]
 
+    def milestones(self):
+        """Each Hyper-SD stage but the last leaves its K-phase student, sampled in K steps (student-<K>phases/)."""
+        plan = self.config.stage_phases
+        return [((j + 1) * self.config.stage_steps, f"student-{k}phases", k) for j, k in enumerate(plan[:-1])]
+
     @property
     def final_phases(self) -> int:
         return self.config.stage_phases[-1] if self.config.stage_phases else self.config.num_phases

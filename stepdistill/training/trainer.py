@@ -194,6 +194,15 @@ class Trainer:
             images = d.codec.decode(x0)
         return save_grid(images, path)
 
+    def export(self, out_dir: Path, steps: int) -> Path:
+        """Write the student (export weights) as a pipeline directory, with a sample grid at `steps`."""
+        from ..export import export_student
+
+        path = export_student(self.distiller, out_dir, steps, model=self.export_module(), config=to_dict(self.cfg),
+                              lora_only=self.cfg.export.lora_only)
+        self.sample_grid(self.output_dir / "samples" / f"{out_dir.name}-{steps}step.png", steps)
+        return path
+
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> "Trainer":
         acc, tc = self.accelerator, self.tc
@@ -252,6 +261,9 @@ class Trainer:
                 metrics = self.evaluator(self.distiller, self.export_module(), self.step)
                 if metrics:
                     acc.log(metrics, step=self.step)
+            for at, folder, steps in self.distiller.milestones():
+                if self.step == at and at < tc.max_steps and acc.is_main_process:  # before the checkpoint: a
+                    self.export(self.output_dir / folder, steps)  # resumed run never passes it unexported
             if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.max_steps:
                 self.save_checkpoint()
         bar.close()
