@@ -19,7 +19,8 @@ def inception_asset() -> Path:
     folder = os.environ.get("STEPDISTILL_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets"
     path = Path(folder) / "inception-2015-12-05-fid.pt"
     if not path.is_file():
-        pytest.skip(f"{path} is not here (set STEPDISTILL_ASSETS)")
+        pytest.fail(f"{path} is not here: set STEPDISTILL_ASSETS to the folder holding the FID Inception "
+                    "TorchScript file (CI: ../shared/assets; see its README)")
     return path
 
 
