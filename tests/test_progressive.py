@@ -336,6 +336,33 @@ def test_guidance_stages_then_one_pass_per_step_at_any_scale(class_teacher, tmp_
     assert not torch.allclose(outs[0], outs[1])
 
 
+def test_sd15_guided_student_runs_one_pass_per_step_in_plain_diffusers(sd15_teacher, caption_folder, tmp_path):
+    """sd15/guidance_progressive.yaml on a tiny SD1.5: both stages run, and the last round's student loads in plain
+    StableDiffusionPipeline, which feeds guidance_scale as timestep_cond and makes one UNet pass per step (no
+    doubled CFG batch), giving the own sampler's latents at that scale."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = tiny_config("sd15/guidance_progressive.yaml", sd15_teacher, tmp_path, "train.max_steps=1",
+                      "train.mixed_precision='no'", "train.batch_size=2", "train.sample_every=0",
+                      f"data.path={caption_folder}", "data.resolution=16", "distill.progressive_start_steps=4",
+                      "distill.progressive_end_steps=2", "distill.progressive_max_steps=1", "export.steps=[4]")
+    stages = run_stages(cfg)
+    assert [s.method for s in stages] == ["guidance", "progressive"]
+    _, d, _ = build(stages[-1])
+    pipe = StableDiffusionPipeline.from_pretrained(Path(stages[-1].output_dir) / "student")
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    prompts = ["a red cat", "a photo of the dog"]
+    cond = d.teacher_info.conditioner.encode({"prompt": prompts}, "cpu")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = pipe(prompt=prompts, num_inference_steps=2, guidance_scale=7.5, latents=noise, output_type="latent").images
+    assert calls == [2, 2]  # two steps, one pass of batch 2 each
+    ours = d.sample(noise, cond, 2, model=pipe.unet, guidance_scale=7.5)
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=2e-4)
+
+
 # ----------------------------------------------------------------------------- the shared suite
 
 

@@ -150,6 +150,8 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     sigma = s / a coordinates and lands exactly. Pipelines that skip scale_model_input (DDPMPipeline)
     keep DDIM, which is then within one training timestep of the grid. Flow teachers get flow Euler.
     DDIM clips x0 to the data range as the teacher's scheduler does (`data_clip`); Euler cannot clip.
+    steps_offset is unused by 'trailing' spacing; it is 1 because StableDiffusionPipeline rewrites (and warns
+    about) any other value.
     """
     cfg = teacher_info.pipeline.scheduler.config
     schedule = teacher_info.denoiser.schedule
@@ -159,11 +161,11 @@ def grid_scheduler(teacher_info, prediction_type: str, steps: int):
     if exact_ddim or teacher_info.pipeline_class in VP_SPACE_PIPELINES:
         clip = data_clip(teacher_info)
         return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
-                                         set_alpha_to_one=True, steps_offset=0, clip_sample=clip is not None,
+                                         set_alpha_to_one=True, steps_offset=1, clip_sample=clip is not None,
                                          clip_sample_range=clip or 1.0, thresholding=False)
     return EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
                                               final_sigmas_type="zero", interpolation_type="linear",
-                                              use_karras_sigmas=False, timestep_type="discrete", steps_offset=0)
+                                              use_karras_sigmas=False, timestep_type="discrete", steps_offset=1)
 
 
 def sampler_clip(scheduler) -> float | None:
