@@ -336,20 +336,23 @@ def test_guidance_stages_then_one_pass_per_step_at_any_scale(class_teacher, tmp_
     assert not torch.allclose(outs[0], outs[1])
 
 
-def test_sd15_guided_student_runs_one_pass_per_step_in_plain_diffusers(sd15_teacher, caption_folder, tmp_path):
-    """sd15/guidance_progressive.yaml on a tiny SD1.5: both stages run, and the last round's student loads in plain
-    StableDiffusionPipeline, which feeds guidance_scale as timestep_cond and makes one UNet pass per step (no
-    doubled CFG batch), giving the own sampler's latents at that scale."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_text_guided_student_runs_one_pass_per_step_in_plain_diffusers(arch, request, caption_folder, tmp_path):
+    """<arch>/guidance_progressive.yaml on a tiny SD1.5 / SDXL: both stages run, and the last round's student loads
+    in the plain diffusers pipeline, which feeds guidance_scale as timestep_cond and makes one UNet pass per step
+    (no doubled CFG batch), giving the own sampler's latents at that scale."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    cfg = tiny_config("sd15/guidance_progressive.yaml", sd15_teacher, tmp_path, "train.max_steps=1",
+    teacher = request.getfixturevalue(f"{arch}_teacher")
+    cfg = tiny_config(f"{arch}/guidance_progressive.yaml", teacher, tmp_path, "train.max_steps=1",
                       "train.mixed_precision='no'", "train.batch_size=2", "train.sample_every=0",
                       f"data.path={caption_folder}", "data.resolution=16", "distill.progressive_start_steps=4",
                       "distill.progressive_end_steps=2", "distill.progressive_max_steps=1", "export.steps=[4]")
     stages = run_stages(cfg)
     assert [s.method for s in stages] == ["guidance", "progressive"]
     _, d, _ = build(stages[-1])
-    pipe = StableDiffusionPipeline.from_pretrained(Path(stages[-1].output_dir) / "student")
+    cls = StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(Path(stages[-1].output_dir) / "student")
     assert pipe.unet.config.time_cond_proj_dim == 256
     pipe.set_progress_bar_config(disable=True)
     calls = []
