@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import cuda_seconds
 
 SHAPES = {  # name: (B, H, Lq, Lk, D)
     "SD1.5 64x64 self (512px)": (2, 8, 4096, 4096, 40),
@@ -39,17 +40,6 @@ def flops(b, h, lq, lk, d, backward: bool) -> float:
 
 def timer(device: str):
     """Seconds per call of fn(): CUDA events on GPU, best of several on CPU."""
-    def cuda(fn, reps):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / reps
-
     def cpu(fn, reps):
         fn()
         best = float("inf")
@@ -58,7 +48,7 @@ def timer(device: str):
             fn()
             best = min(best, time.perf_counter() - t)
         return best
-    return cuda if device == "cuda" else cpu
+    return cuda_seconds if device == "cuda" else cpu
 
 
 def backends(device: str):

@@ -19,6 +19,7 @@ import gc
 import time
 
 import torch
+from timing import cuda_seconds
 
 
 def sd_like_sizes(total: int) -> list[int]:
@@ -101,17 +102,6 @@ def time_cpu(steps: dict, rounds: int) -> dict:
     return best
 
 
-def time_cuda(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / reps
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +137,7 @@ def main():
                 else:
                     results = {}
                     for k, s in setups.items():  # one at a time: 2.6B x rates x 4 bytes per method
-                        results[k] = time_cuda(s(), args.rounds)
+                        results[k] = cuda_seconds(s(), args.rounds)
                         gc.collect()
                         torch.cuda.empty_cache()
                 base = results["EMAModel.step"]
