@@ -2,7 +2,7 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 
 from distiller_suite import DistillerSuite
-from helpers import tiny_config
+from helpers import assert_pipeline_matches_own_sampler, tiny_config
 from stepdistill.distillers.consistency import pseudo_huber
 from stepdistill.pipelines import ClassConditionalPipeline
 from stepdistill.runner import build, run
@@ -51,18 +51,9 @@ def test_target_network_is_the_ema_and_loss_is_finite(class_teacher, tmp_path):
 
 def test_own_sampler_equals_plain_diffusers_pipeline(class_teacher, tmp_path):
     trainer = run(tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=2"))
-    d = trainer.distiller
     pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "student")
     assert isinstance(pipe.scheduler, LCMScheduler)
-    labels = torch.tensor([0, 3, 7])
-    for steps in (1, 4):
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        ours = d.sample(noise, {"class_labels": labels}, steps, generator=g, model=trainer.export_module())
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, generator=g, output_type="pt").images
-        torch.testing.assert_close(((ours / 2 + 0.5).clamp(0, 1)), theirs, atol=1e-4, rtol=1e-4)
+    assert_pipeline_matches_own_sampler(trainer, pipe, (1, 4))
 
 
 def test_unconditional_student_loads_in_plain_diffusers(uncond_teacher, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from distiller_suite import DistillerSuite
-from helpers import tiny_config
+from helpers import assert_pipeline_matches_own_sampler, tiny_config
 from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.lora import has_lora
 from stepdistill.pipelines import ClassConditionalPipeline
@@ -29,17 +29,8 @@ def test_w_embedding_student_matches_plain_pipeline(class_teacher, tmp_path):
     assert d.student.config.time_cond_proj_dim == 256
     pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "student")
     assert isinstance(pipe.scheduler, LCMScheduler)
-    labels = torch.tensor([0, 3, 7])
-    for steps in (1, 4):
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        ours = d.sample(noise, {"class_labels": labels}, steps, generator=g, model=trainer.export_module(),
-                        guidance_scale=1.7)
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, generator=g, output_type="pt",
-                      guidance_scale=1.7).images
-        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-4, rtol=1e-4)
+    assert_pipeline_matches_own_sampler(trainer, pipe, (1, 4), own_kwargs={"guidance_scale": 1.7},
+                                        pipe_kwargs={"guidance_scale": 1.7})
 
 
 def test_guided_teacher_step_uses_diffusers_convention(class_teacher, tmp_path):

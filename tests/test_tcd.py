@@ -5,7 +5,7 @@ import torch
 from diffusers import TCDScheduler
 
 from distiller_suite import DistillerSuite
-from helpers import tiny_config
+from helpers import assert_pipeline_matches_own_sampler, tiny_config
 from stepdistill.distillers.consistency import jump
 from stepdistill.pipelines import ClassConditionalPipeline
 from stepdistill.runner import build, run
@@ -43,19 +43,9 @@ def test_sampling_times_match_tcd_scheduler(class_teacher, tmp_path):
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
 def test_own_sampler_equals_plain_pipeline_with_tcd_scheduler(class_teacher, tmp_path, gamma):
     trainer = run(tiny_config("digits/tcd.yaml", class_teacher, tmp_path, "train.max_steps=2", f"distill.gamma={gamma}"))
-    d = trainer.distiller
     pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "student")
     assert isinstance(pipe.scheduler, TCDScheduler)
-    labels = torch.tensor([0, 3, 7])
-    for steps in (1, 2, 4):
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        ours = d.sample(noise, {"class_labels": labels}, steps, generator=g, model=trainer.export_module())
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(3, 1, 8, 8, generator=g)
-        theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, generator=g, output_type="pt",
-                      eta=gamma).images
-        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-4, rtol=1e-4)
+    assert_pipeline_matches_own_sampler(trainer, pipe, (1, 2, 4), pipe_kwargs={"eta": gamma})
 
 
 class TestTCDSuite(DistillerSuite):
