@@ -28,15 +28,6 @@ ATOL = 2e-5
 MODEL_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box run far faster on one thread (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _inputs(b, h, lq, lk, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     # q in the processors' layout: a transposed view of (B, L, H, D), not contiguous in (B, H, L, D).

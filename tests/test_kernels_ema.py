@@ -22,15 +22,6 @@ from stepdistill.kernels.ema import BlockedMultiRateEMA, FusedMultiRateEMA, mult
 from stepdistill.training.ema import MultiRateEMA
 
 TOL = dict(atol=1e-6, rtol=1e-6)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box run far faster on one thread (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 DECAYS = [[0.9, 0.5, 0.99], [0.8, 0.95, 0.0], [0.999, 0.7, 0.3]]  # per step; 0.0 copies the live values
 
 
