@@ -219,6 +219,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.distiller.name}",
                    disable=not (tc.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
         logs: dict[str, float] = {}
+        milestones = {at: (folder, steps) for at, folder, steps in self.distiller.milestones() if at < tc.max_steps}
         t_last = time.perf_counter()
         while self.step < tc.max_steps:
             self.model.train()
@@ -261,9 +262,8 @@ class Trainer:
                 metrics = self.evaluator(self.distiller, self.export_module(), self.step)
                 if metrics:
                     acc.log(metrics, step=self.step)
-            for at, folder, steps in self.distiller.milestones():
-                if self.step == at and at < tc.max_steps and acc.is_main_process:  # before the checkpoint: a
-                    self.export(self.output_dir / folder, steps)  # resumed run never passes it unexported
+            if self.step in milestones and acc.is_main_process:  # before the checkpoint: a resumed run
+                self.export(self.output_dir / milestones[self.step][0], milestones[self.step][1])  # never skips one
             if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.max_steps:
                 self.save_checkpoint()
         bar.close()
