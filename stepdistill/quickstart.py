@@ -140,7 +140,8 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
                     r["run"] = str(Path(stage.output_dir).relative_to(out / method))
             rows.extend(stage_rows_)
         print(f"{method}: trained in {train_s:.0f} s, evaluated in {time.perf_counter() - start - train_s:.0f} s; "
-              f"student in {student_dir(stages[-1])}", flush=True)
+              f"student in {student_dir(stages[-1])}, sample grids in {Path(stages[-1].output_dir) / 'samples'}",
+              flush=True)
     teacher = load_teacher(str(DIGITS_TEACHER))
     # the teacher at 1/2/4/50 steps, and at every (steps, guidance) a student was measured at
     points = [(s, None) for s in TEACHER_STEPS] + [(r["steps"], r.get("guidance")) for r in rows]

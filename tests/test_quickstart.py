@@ -17,6 +17,7 @@ def test_quickstart_machinery_on_the_embedded_teacher(tmp_path, capsys):
     assert all(set(r) == {"model", "sampler", "steps", "fid", "params"} and r["fid"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "teacher" in out and "cd" in out and "FID" in out
+    assert f"sample grids in {tmp_path / 'cd' / 'samples'}" in out
     card = json.loads((tmp_path / "cd" / "student" / "stepdistill.json").read_text())
     assert card["method"] == "cd" and len(card["metrics"]) == 3
     assert (tmp_path / "cd" / "samples" / "student-2step.png").is_file()
