@@ -108,9 +108,8 @@ class TextConditioner(Conditioner):
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
             self._move_encoders(device)
-            fresh = self._encode(missing, device)
-            for i, p in enumerate(missing):
-                self.cache[p] = _map(lambda t: t[i:i + 1].detach().cpu(), fresh)
+        for p in missing:  # one prompt per call: its embedding does not depend on which batch first held it
+            self.cache[p] = _map(lambda t: t.detach().cpu(), self._encode([p], device))  # (bit-exact resume)
         return _map(lambda t: t.to(device), _stack([self.cache[p] for p in prompts]))
 
     def null(self) -> dict:
