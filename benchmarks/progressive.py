@@ -36,7 +36,7 @@ from stepdistill.eval.quality import DigitsFID  # noqa: E402
 from stepdistill.paths import CONFIGS, DIGITS_TEACHER  # noqa: E402
 from stepdistill.pipelines import ClassConditionalPipeline  # noqa: E402
 from stepdistill.quickstart import stage_rows, teacher_rows  # noqa: E402
-from stepdistill.runner import run_stages, student_dir  # noqa: E402
+from stepdistill.runner import run_stages  # noqa: E402
 from stepdistill.teacher import load_teacher  # noqa: E402
 
 
@@ -111,8 +111,8 @@ def main(argv=None):
                                                                          f"distill.start_steps={args.start_steps}"])
     prog_train_s = time.perf_counter() - t0
     prog_rows = [r for s in prog for r in stage_rows(s, fid, args.num_samples, 0, "progressive")]
-    start = prog[0].distill.start_steps
-    points = [(start >> r, None) for r in range(prog[0].distill.num_rounds + 1)]
+    start = prog[0].config.distill.start_steps
+    points = [(start >> r, None) for r in range(prog[0].config.distill.num_rounds + 1)]
     t_rows = teacher_rows(teacher, fid, args.num_samples, 0, out / "teacher_rows.json", points)
     teacher_fid = {r["steps"]: r["fid"] for r in t_rows}
 
@@ -123,7 +123,7 @@ def main(argv=None):
     guid_train_s = time.perf_counter() - t0
     guid_rows = []
     for s in guid:
-        for r in stage_rows(s, fid, args.num_samples, 0, "guidance" if s.method == "guidance" else "guided-progressive"):
+        for r in stage_rows(s, fid, args.num_samples, 0, "guidance" if s.config.method == "guidance" else "guided-progressive"):
             guid_rows.append(r)
     g_points = [(r["steps"], r["guidance"]) for r in guid_rows]
     g_teacher = {(r["steps"], r.get("guidance", 1.0)): r["fid"]
@@ -137,15 +137,15 @@ def main(argv=None):
     evals, secs = count_and_time(tpipe, start, 1.0, args.timing_batch, args.repeats)
     cost.append({"model": "teacher", "steps": start, "evals": evals, "seconds": secs})
     for s in prog:
-        pipe = ClassConditionalPipeline.from_pretrained(student_dir(s))
+        pipe = ClassConditionalPipeline.from_pretrained(s.student_dir)
         pipe.set_progress_bar_config(disable=True)
-        n = s.export.steps[0]
+        n = s.config.export.steps[0]
         evals, secs = count_and_time(pipe, n, 1.0, args.timing_batch, args.repeats)
-        cost.append({"model": f"round {s.distill.round}", "steps": n, "evals": evals, "seconds": secs,
+        cost.append({"model": f"round {s.config.distill.round}", "steps": n, "evals": evals, "seconds": secs,
                      "scheduler": type(pipe.scheduler).__name__})
-    g_steps = guid[0].export.steps[0]
+    g_steps = guid[0].config.export.steps[0]
     cfg_cost = count_and_time(tpipe, g_steps, 2.0, args.timing_batch, args.repeats)
-    gpipe = ClassConditionalPipeline.from_pretrained(student_dir(guid[0]))
+    gpipe = ClassConditionalPipeline.from_pretrained(guid[0].student_dir)
     gpipe.set_progress_bar_config(disable=True)
     emb_cost = count_and_time(gpipe, g_steps, 2.0, args.timing_batch, args.repeats)
 

@@ -16,4 +16,4 @@ sys.path.insert(0, str(ROOT))
 from stepdistill.cli import train_script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_script(__doc__, str(ROOT / "training_configs/digits/lcm.yaml"), ("cd", "lcm", "tcd", "pcm")))
+    sys.exit(train_script(__doc__, str(ROOT / "training_configs/digits/lcm.yaml"), "consistency"))

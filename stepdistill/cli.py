@@ -11,18 +11,24 @@ from .errors import StepdistillError
 
 def cmd_train(args):
     from .config import load_config
-    from .runner import run_stages, student_dir
+    from .runner import run_stages
 
-    cfg = load_config(args.config, args.overrides)
-    for stage in run_stages(cfg):
-        print(f"student written to {student_dir(stage)}")
+    report_stages(run_stages(load_config(args.config, args.overrides)))
 
 
-def train_script(doc: str, default_config: str, methods: tuple[str, ...], argv=None) -> int:
+def report_stages(stages) -> None:
+    for stage in stages:
+        if stage.student_dir is not None:
+            print(f"student written to {stage.student_dir}")
+
+
+def train_script(doc: str, default_config: str, family: str, argv=None) -> int:
     """The body of scripts/train_<family>.py: `--config FILE key=value ...`, refused for other families' methods."""
     from .config import load_config
-    from .runner import run_stages, student_dir
+    from .distillers import family_methods
+    from .runner import run_stages
 
+    methods = family_methods(family)
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -32,8 +38,7 @@ def train_script(doc: str, default_config: str, methods: tuple[str, ...], argv=N
         if cfg.method not in methods:
             raise StepdistillError(f"{args.config}: method {cfg.method!r} is not one of this script's "
                                    f"({', '.join(methods)}); use `stepdistill train {args.config}`")
-        for stage in run_stages(cfg):
-            print(f"student written to {student_dir(stage)}")
+        report_stages(run_stages(cfg))
     except StepdistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -41,9 +46,9 @@ def train_script(doc: str, default_config: str, methods: tuple[str, ...], argv=N
 
 
 def cmd_quickstart(args):
-    from .quickstart import QUICKSTART_CONFIGS, quickstart
+    from .quickstart import quickstart, quickstart_configs
 
-    methods = list(QUICKSTART_CONFIGS) if args.method == "all" else [args.method]
+    methods = list(quickstart_configs()) if args.method == "all" else [args.method]
     quickstart(methods, args.output_dir, num_samples=args.num_samples, seed=args.seed, overrides=args.overrides)
 
 

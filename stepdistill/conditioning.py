@@ -37,12 +37,6 @@ class Conditioner:
     def null(self) -> dict | None:
         return None
 
-    def batch_size(self, batch: dict) -> int:
-        for v in batch.values():
-            if isinstance(v, (torch.Tensor, list, tuple)):
-                return len(v)
-        raise ValueError("empty batch")
-
     def example_conditions(self, n: int) -> dict:
         """Raw conditions for sample grids (what a data batch would hold)."""
         return {}

@@ -56,11 +56,42 @@ class DataConfig:
 
 
 @dataclass
+class GroupConfig:
+    """Optimizer settings of one trainable network (`train.groups.<name>`); unset values are the global ones."""
+
+    learning_rate: float | None = option(None, "peak learning rate (default: train.learning_rate)")
+    adam_beta1: float | None = option(None, "AdamW beta1 (default: train.adam_beta1)")
+    adam_beta2: float | None = option(None, "AdamW beta2 (default: train.adam_beta2)")
+    weight_decay: float | None = option(None, "AdamW decoupled weight decay (default: train.weight_decay)")
+    max_grad_norm: float | None = option(None, "gradient clipping norm (default: train.max_grad_norm; 0: no clipping)")
+    loss_scale: float = option(1.0, "multiplies this network's loss before backward (SiD: 100 for the generator); "
+                                    "Adam is nearly invariant to it, clipping is not")
+
+    def __post_init__(self):
+        _check_optimizer_values("train.groups.<name>", self)
+        check_range("train.groups.<name>.loss_scale", self.loss_scale, 0, low_open=True)
+
+
+def _check_optimizer_values(prefix: str, c) -> None:
+    if c.learning_rate is not None:
+        check_range(f"{prefix}.learning_rate", c.learning_rate, 0, low_open=True)
+    for name in ("adam_beta1", "adam_beta2"):
+        if getattr(c, name) is not None:
+            check_range(f"{prefix}.{name}", getattr(c, name), 0, 1)
+            if getattr(c, name) == 1:
+                raise ConfigError(f"{prefix}.{name} = 1 never forgets; use a value below 1 (AdamW: 0.9 / 0.999)")
+    if c.weight_decay is not None:
+        check_range(f"{prefix}.weight_decay", c.weight_decay, 0)
+    if c.max_grad_norm is not None:
+        check_range(f"{prefix}.max_grad_norm", c.max_grad_norm, 0)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = option(1000, "optimizer steps")
     batch_size: int = option(64, "examples per device per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    learning_rate: float = option(1e-4, "peak learning rate of every optimizer group")
+    learning_rate: float = option(1e-4, "peak learning rate (of every trainable network without its own in train.groups)")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
@@ -68,7 +99,9 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = option(
         "constant_with_warmup", "learning-rate schedule")
     lr_warmup_steps: int = option(0, "linear warm-up steps")
-    max_grad_norm: float | None = option(1.0, "gradient clipping norm per group (null: no clipping)")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm per group (null or 0: no clipping)")
+    groups: dict[str, GroupConfig] = option({}, "per-network optimizer settings by trainable network name, e.g. "
+                                                "{fake_score: {learning_rate: 2e-6}}; unset values are the ones above")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast precision of the student's forward")
     ema_decays: list[float] = option([], "EMA rates of the student kept during training, e.g. [0.999, 0.9999]")
     ema_warmup: bool = option(False, "use min(decay, (1+n)/(10+n)) early in training, as diffusers' EMAModel")
@@ -86,7 +119,7 @@ class TrainConfig:
         check_range("train.max_steps", self.max_steps, 1)
         check_range("train.batch_size", self.batch_size, 1)
         check_range("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        check_range("train.learning_rate", self.learning_rate, 0, low_open=True)
+        _check_optimizer_values("train", self)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         for d in self.ema_decays:
             check_range("train.ema_decays[]", d, 0, 1)
@@ -119,6 +152,22 @@ class EvalConfig:
 
 
 @dataclass
+class StageSpec:
+    """One entry of a config's `stages:` list (stepdistill.stages): a named piece of the run, in order."""
+
+    name: str = option("", "the stage's name; its output goes to output_dir/<name>")
+    kind: str = option("train", "train: a training run of the config with `options` as overrides; or a registered "
+                                "generation / assembly stage (stepdistill.stages.STAGE_KINDS)")
+    options: dict = option({}, "train: dotted config overrides (e.g. {method: reflow, train.max_steps: 500}); "
+                               "other kinds: their own options. '${stages.NAME}' is stage NAME's output (a training "
+                               "stage's exported student, else its folder)")
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"stages[].name = {self.name!r}: give each stage a plain folder name")
+
+
+@dataclass
 class RunConfig:
     method: str = option("cd", "distillation method, by registry name")
     teacher: str = option("samples/digits-teacher", "teacher pipeline directory or hub id (safetensors only)")
@@ -130,6 +179,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageSpec] = option([], "the run as named stages, in order (empty: the method's own stages)")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -158,6 +208,7 @@ def _convert(value, tp, where: str):
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where} = {value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is Literal:
+        value = _yaml_word(value, args)
         if value not in args:
             raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(args)}")
         return value
@@ -170,7 +221,8 @@ def _convert(value, tp, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r} should be a mapping")
-        return dict(value)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is float:
@@ -191,10 +243,25 @@ def _convert(value, tp, where: str):
             raise ConfigError(f"{where} = {value!r} should be true or false")
         return value
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: YAML reads yes/no/on/off as booleans; quote the word "
+                              f"(e.g. {where.rsplit('.', 1)[-1]}: 'no') if you meant a string")
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r} should be a string")
         return value
     return value
+
+
+# YAML 1.1 reads these words as booleans; a choice among strings takes them back as the word the user wrote
+_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_word(value, choices):
+    """A boolean where a Literal of strings is expected: the one choice spelled as a YAML boolean word."""
+    if not isinstance(value, bool):
+        return value
+    words = [w for w in _BOOL_WORDS[value] if w in choices]
+    return words[0] if len(words) == 1 else value
 
 
 def from_dict(cls, data, where: str = ""):
@@ -213,12 +280,16 @@ def from_dict(cls, data, where: str = ""):
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {', '.join(names)}")
+            raise ConfigError(f"unknown config key '{path}'{hint or '.'} Valid keys here: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], path)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+    except ConfigError as e:  # a group's own checks do not know its name; `where` does
+        if "train.groups.<name>" in str(e) and where:
+            raise ConfigError(str(e).replace("train.groups.<name>", where)) from None
+        raise
 
 
 def to_dict(obj) -> dict:

@@ -24,9 +24,25 @@ class Prediction(NamedTuple):
     eps: torch.Tensor
 
 
-def _first_forward_arg(model: nn.Module) -> str:
-    params = list(inspect.signature(model.forward).parameters)
-    return params[0] if params else ""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP / FSDP / torch.compile wrapper (the trainer may wrap trainable networks)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if _is_parallel(model) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _is_parallel(model: nn.Module) -> bool:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(model, FullyShardedDataParallel)
 
 
 def cat_cond(a, b):
@@ -66,34 +82,79 @@ def _cast_floats(cond, dtype):
     return cond.to(dtype) if isinstance(cond, torch.Tensor) and cond.is_floating_point() else cond
 
 
+class ModelCall:
+    """How to call a diffusers UNet or transformer, read from its forward signature once.
+
+    Transformers (DiT, SD3, Flux) take `hidden_states=` by keyword; UNets take the sample first and, when
+    they have cross-attention inputs, an explicit `encoder_hidden_states` (None for class-conditional ones).
+    The call goes to `model` as given, which may be a DDP/FSDP wrapper of the network read here.
+    """
+
+    def __init__(self, model: nn.Module):
+        params = inspect.signature(unwrap(model).forward).parameters
+        names = list(params)
+        self.keyword_input = bool(names) and names[0] == "hidden_states"
+        self.needs_encoder_states = "encoder_hidden_states" in params
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        cond = _cast_floats(dict(cond or {}), dtype)
+        timestep = timestep.to(x.device)
+        if self.keyword_input:
+            out = model(hidden_states=x.to(dtype), timestep=timestep, **cond, return_dict=False)[0]
+        else:
+            if self.needs_encoder_states:
+                cond.setdefault("encoder_hidden_states", None)
+            out = model(x.to(dtype), timestep, **cond, return_dict=False)[0]
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): keep the mean prediction
+            out = out[:, : x.shape[1]]
+        return out.float()
+
+
 def call_model(model: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-    """Run a diffusers UNet or transformer with the keyword names it expects; drop a learned-sigma half."""
-    cond = dict(cond or {})
-    dtype = next(model.parameters()).dtype
-    x_in = x.to(dtype)
-    cond = _cast_floats(cond, dtype)
-    timestep = timestep.to(x.device)
-    if _first_forward_arg(model) == "hidden_states":  # Transformer2DModel (DiT), SD3Transformer2DModel, ...
-        out = model(hidden_states=x_in, timestep=timestep, **cond, return_dict=False)[0]
-    else:
-        if "encoder_hidden_states" in inspect.signature(model.forward).parameters:
-            cond.setdefault("encoder_hidden_states", None)
-        out = model(x_in, timestep, **cond, return_dict=False)[0]
-    if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): keep the mean prediction
-        out = out[:, : x.shape[1]]
-    return out.float()
+    """Run a diffusers UNet or transformer once (pipelines; the Denoiser keeps its ModelCall)."""
+    return ModelCall(model)(model, x, timestep, cond)
+
+
+class _FeaturesReady(Exception):
+    """Raised by the feature hook to stop the forward pass once the requested layer has run."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def default_feature_layer(model: nn.Module) -> str:
+    """The bottleneck: a UNet's mid_block, a transformer's middle block (DMD2's GAN head reads it)."""
+    model = unwrap(model)
+    if getattr(model, "mid_block", None) is not None:
+        return "mid_block"
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is not None and len(blocks):
+        return f"transformer_blocks.{len(blocks) // 2}"
+    raise StepdistillError(f"{type(model).__name__} has no mid_block or transformer_blocks: name the feature layer")
 
 
 class Denoiser(nn.Module):
-    """x0 / eps / v / velocity of a wrapped network at continuous t in [0, 1] (t=0 is clean)."""
+    """x0 / eps of a wrapped network at continuous t in [0, 1] (t=0 is clean)."""
 
     prediction_type: str = ""
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, null_cond: dict | None = None):
         super().__init__()
+        if self.prediction_type not in FITS[type(schedule)]:
+            raise StepdistillError(f"a {self.prediction_type!r} network does not fit a {type(schedule).__name__}; "
+                                   f"use one of {', '.join(FITS[type(schedule)])}")
         self.model = model
         self.schedule = schedule
         self.null_cond = null_cond  # batch-1 model kwargs meaning "no condition"; None if unconditional
+        self._call = ModelCall(model) if model is not None else None
+        self._null_on: dict[torch.device, dict] = {}  # the null condition, moved to each device once
+
+    @property
+    def network(self) -> nn.Module:
+        """The network itself (the trainer may have wrapped `model` for DDP or FSDP)."""
+        return unwrap(self.model)
 
     # -- the one hook each parameterization overrides ------------------------------------------
     def from_output(self, out, x, a, s) -> Prediction:
@@ -109,8 +170,8 @@ class Denoiser(nn.Module):
 
     # -- shared ----------------------------------------------------------------------------------
     def alpha_sigma(self, t, like):
-        a, s = self.schedule.alpha_sigma(t)
-        return _bcast(a.to(like.device), like), _bcast(s.to(like.device), like)
+        a, s = self.schedule.alpha_sigma(torch.as_tensor(t, device=like.device))
+        return _bcast(a, like), _bcast(s, like)
 
     def add_noise(self, x0, noise, t):
         a, s = self.alpha_sigma(t, x0)
@@ -119,7 +180,13 @@ class Denoiser(nn.Module):
     def raw(self, x, t, cond=None):
         """The network's own output at continuous t."""
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
-        return call_model(self.model, x, self.schedule.model_timestep(t), cond or {})
+        return self._call(self.model, x, self.schedule.model_timestep(t), cond or {})
+
+    def null_for(self, n: int, device) -> dict:
+        device = torch.device(device)
+        if device not in self._null_on:
+            self._null_on[device] = repeat_cond(self.null_cond, 1, device)
+        return repeat_cond(self._null_on[device], n)
 
     def predict(self, x, t, cond=None, guidance=None) -> Prediction:
         """(x0, eps) at (x, t), with classifier-free guidance w when given (w=1: none)."""
@@ -130,7 +197,7 @@ class Denoiser(nn.Module):
         if self.null_cond is None:
             raise StepdistillError("classifier-free guidance needs a conditional teacher with a null condition")
         n = x.shape[0]
-        uncond = {**(cond or {}), **repeat_cond(self.null_cond, n, x.device)}
+        uncond = {**(cond or {}), **self.null_for(n, x.device)}
         out = self.raw(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond or {}, uncond))
         pc = self.from_output(out[:n], x.float(), a, s)
         pu = self.from_output(out[n:], x.float(), a, s)
@@ -143,21 +210,41 @@ class Denoiser(nn.Module):
     def eps(self, x, t, cond=None, guidance=None):
         return self.predict(x, t, cond, guidance).eps
 
-    def v(self, x, t, cond=None, guidance=None):
-        """The VP v-target a eps - s x0 (for flow schedules, the same formula with a = 1 - t)."""
-        p = self.predict(x, t, cond, guidance)
-        a, s = self.alpha_sigma(torch.as_tensor(t, device=x.device).float().expand(x.shape[0]), x)
-        return a * p.eps - s * p.x0
+    def features(self, x, t, cond=None, layer: str | None = None) -> torch.Tensor:
+        """The output of one layer of the network at (x, t) (default: the bottleneck), with gradients.
 
-    def velocity(self, x, t, cond=None, guidance=None):
-        """Flow-matching velocity eps - x0 (dx/dt for a flow schedule)."""
-        p = self.predict(x, t, cond, guidance)
-        return p.eps - p.x0
+        The forward pass stops at that layer, so the layers after it cost nothing; a tuple output (a
+        transformer block's (text, image) streams) gives its last tensor."""
+        layer = layer or default_feature_layer(self.network)
+        try:
+            module = self.network.get_submodule(layer)
+        except AttributeError:
+            raise StepdistillError(f"{type(self.network).__name__} has no layer {layer!r}") from None
 
-    def with_model(self, model: nn.Module, prediction_type: str | None = None) -> "Denoiser":
-        """The same schedule and null condition around another network (a student)."""
-        cls = PARAMETERIZATIONS[prediction_type or self.prediction_type]
-        return cls(model, self.schedule, self.null_cond)
+        def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = [o for o in output if torch.is_tensor(o)][-1]
+            raise _FeaturesReady(output)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            self.raw(x, t, cond)
+        except _FeaturesReady as ready:
+            return ready.value.float()
+        finally:
+            handle.remove()
+        raise StepdistillError(f"layer {layer!r} did not run in the forward pass")
+
+    def with_model(self, model: nn.Module, prediction_type: str | None = None,
+                   schedule: NoiseSchedule | None = None) -> "Denoiser":
+        """Another network (a student) with this null condition, in its own parameterization and schedule.
+
+        A student whose time axis differs from the teacher's (a flow student of a VP teacher) passes its
+        schedule; a parameterization that does not fit the schedule is refused."""
+        kind = prediction_type or self.prediction_type
+        if kind not in PARAMETERIZATIONS:
+            raise StepdistillError(f"unknown prediction type {kind!r}; use one of {', '.join(PARAMETERIZATIONS)}")
+        return PARAMETERIZATIONS[kind](model, schedule or self.schedule, self.null_cond)
 
 
 class EpsDenoiser(Denoiser):
@@ -205,6 +292,10 @@ class FlowDenoiser(Denoiser):
         return noise - x0
 
 
+# which parameterizations each schedule's time axis supports: a velocity u = eps - x0 is dx/dt only for
+# a = 1 - t, s = t, and diffusers' v = a eps - s x0 is defined for VP schedules (a^2 + s^2 = 1)
+FITS = {VPSchedule: ("epsilon", "v_prediction", "sample"), FlowSchedule: ("flow", "sample", "epsilon")}
+
 PARAMETERIZATIONS: dict[str, type[Denoiser]] = {
     "epsilon": EpsDenoiser,
     "v_prediction": VDenoiser,
@@ -222,5 +313,4 @@ def denoiser_for(model: nn.Module, scheduler_config, null_cond: dict | None = No
         kind = scheduler_config.get("prediction_type", "epsilon")
         if kind not in PARAMETERIZATIONS:
             raise StepdistillError(f"unsupported prediction_type {kind!r}; use epsilon, v_prediction or sample")
-    assert isinstance(schedule, (VPSchedule, FlowSchedule))
     return PARAMETERIZATIONS[kind](model, schedule, null_cond)

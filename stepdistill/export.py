@@ -17,7 +17,7 @@ CARD_FILE = "stepdistill.json"
 LORA_DIR = "lora"  # a LoRA student's adapters, beside the merged pipeline
 
 
-def build_student_pipeline(teacher, student: nn.Module, scheduler, steps: int):
+def teacher_pipeline_with(teacher, student: nn.Module, scheduler, steps: int):
     """The teacher's pipeline with the student network and a scheduler for `steps` steps."""
     pipe = teacher.pipeline
     if isinstance(pipe, ClassConditionalPipeline):
@@ -27,6 +27,15 @@ def build_student_pipeline(teacher, student: nn.Module, scheduler, steps: int):
     components[teacher.model_key] = student
     components["scheduler"] = scheduler
     return type(pipe)(**components)
+
+
+def saveable(network: nn.Module, dtype) -> nn.Module:
+    """The network as written: LoRA adapters merged, in the teacher's dtype (a copy only when either changes it)."""
+    if has_lora(network):
+        network = merged_copy(network)
+    elif next(network.parameters()).dtype != dtype:
+        network = copy.deepcopy(network)
+    return network.to(dtype)
 
 
 def model_card_text(card: dict) -> str:
@@ -73,29 +82,27 @@ def load_snippet(pipe, steps: int, lora: bool = False, lora_only: bool = False, 
             f"images = pipe(num_inference_steps={steps}).images")
 
 
-def export_student(distiller, out_dir: str | Path, steps: int, model: nn.Module | None = None,
+def export_student(distiller, out_dir: str | Path, steps: int, networks: dict[str, nn.Module] | None = None,
                    config: dict | None = None, metrics: list | None = None, lora_only: bool = False) -> Path:
-    """Save the student (or given weights, e.g. an EMA shadow) as a loadable pipeline directory.
+    """Save the exported networks (default: the live ones; e.g. EMA shadows) as a loadable pipeline directory.
 
-    A LoRA student is written twice: its adapters in `lora/` (diffusers' `load_lora_weights` format, for the
-    teacher pipeline) and merged into the network as a whole pipeline; with `lora_only`, the adapters and the
-    scheduler alone go to `out_dir`."""
+    The distiller builds the pipeline (Distiller.build_pipeline). A LoRA student is written twice: its adapters
+    in `lora/` (diffusers' `load_lora_weights` format, for the teacher pipeline) and merged into the network as
+    a whole pipeline; with `lora_only`, the adapters and the scheduler alone go to `out_dir`."""
     out_dir = Path(out_dir)
     teacher = distiller.teacher_info
-    source = model if model is not None else distiller.student
+    networks = distiller.networks_or_live(networks)
     scheduler = distiller.export_scheduler(steps)
-    lora = has_lora(source)
+    student = networks.get("student")
+    lora = student is not None and has_lora(student)
     if lora:
-        save_lora(type(teacher.pipeline), teacher.model_key, source, out_dir if lora_only else out_dir / LORA_DIR)
+        save_lora(type(teacher.pipeline), teacher.model_key, student, out_dir if lora_only else out_dir / LORA_DIR)
     if lora and lora_only:
         scheduler.save_pretrained(out_dir / "scheduler")
         pipe = teacher.pipeline
     else:
-        student = (merged_copy(source) if lora else copy.deepcopy(source)).eval()
         dtype = next(teacher.model.parameters()).dtype
-        if next(student.parameters()).dtype != dtype:
-            student.to(dtype)
-        pipe = build_student_pipeline(teacher, student, scheduler, steps)
+        pipe = distiller.build_pipeline({k: saveable(v, dtype) for k, v in networks.items()}, steps)
         pipe.save_pretrained(out_dir, safe_serialization=True)
     card = {
         "method": distiller.name,

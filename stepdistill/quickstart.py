@@ -1,7 +1,8 @@
 """The embedded default end to end: distil the digits teacher, export, sample, and print a quality table.
 
-Each method's run uses training_configs/digits/<config>.yaml; a method that trains in several runs
-(progressive rounds) gets rows for every run's student. The table compares each student at its
+Each method's run uses training_configs/digits/<Distiller.quickstart_config>; a method that trains in several
+runs (progressive rounds) gets rows for every run's student. Students are sampled through their exported
+pipelines, as a user loads them. The table compares each student at its
 step counts (and guidance scales, for guidance-conditioned students) with the teacher's DDIM
 (trailing spacing, x0 clipped to the data range, CFG at the same scale) at the same steps and at
 1, 2, 4 and 50 steps, as a Frechet distance in the digits classifier's features.
@@ -16,29 +17,25 @@ from pathlib import Path
 
 import torch
 
-from . import solvers
 from .config import load_config
+from .distillers import REGISTRY, available_methods
+from .distillers.common import parameter_count
 from .errors import ConfigError
 from .eval.quality import DigitsFID, generate
 from .export import update_card_metrics
 from .paths import CONFIGS, DIGITS_TEACHER
-from .runner import build, run_stages, student_dir
+from .runner import build, run_stages
+from .samplers import sample_ode
+from .sampling import pipeline_images
 from .teacher import load_pipeline, load_teacher
 
-# method name -> config file under training_configs/digits/
-QUICKSTART_CONFIGS = {
-    "cd": "consistency.yaml",
-    "lcm": "lcm.yaml",
-    "tcd": "tcd.yaml",
-    "pcm": "pcm.yaml",
-    "progressive": "progressive.yaml",
-    "guidance": "guidance.yaml",
-}
 TEACHER_STEPS = (1, 2, 4, 50)
 
 
-def param_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def quickstart_configs() -> dict[str, str]:
+    """Method name -> its config under training_configs/digits/, for every registered method that has one."""
+    available = set(available_methods())
+    return {name: cls.quickstart_config for name, cls in REGISTRY.items() if name in available and cls.quickstart_config}
 
 
 def _teacher_key(teacher_dir: Path, num_samples: int, seed: int) -> str:
@@ -62,14 +59,15 @@ def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Pa
     key = _teacher_key(Path(teacher.source), num_samples, seed)
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
     known = {_point(r["steps"], r.get("guidance")): r for r in stored.get("rows", [])} if stored.get("key") == key else {}
-    params = param_count(teacher.model)
+    params = parameter_count(teacher.model)
     for steps, w in points:
         if (steps, w) in known:
             continue
         grid = teacher.denoiser.schedule.sampling_grid(steps, "trailing")
-        images = generate(lambda z, c, g: solvers.sample(teacher.denoiser, z, grid, c, guidance=w, clip_x0=1.0),
-                          num_samples, teacher.sample_shape, lambda b: teacher.conditioner.encode(b, "cpu"),
-                          seed=seed)
+        encode = teacher.conditioner.encode
+        images = generate(lambda z, labels, g: sample_ode(
+            teacher.denoiser, z, grid, {"cond": encode({"class_labels": labels}, "cpu"), "guidance": w}, clip_x0=1.0),
+            num_samples, teacher.sample_shape, seed=seed)
         row = {"model": "teacher", "sampler": "ddim", "steps": steps, "fid": fid(images), "params": params}
         if w != 1.0:
             row["guidance"] = w
@@ -79,24 +77,27 @@ def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Pa
     return [known[p] for p in points]
 
 
-def stage_rows(cfg, fid: DigitsFID, num_samples: int, seed: int, model_name: str) -> list[dict]:
-    """One run's exported student at its export.steps and at each guidance scale its method evaluates, and
-    each milestone student (Distiller.milestones) at its own steps, marked with its folder as "run"."""
+def stage_rows(stage, fid: DigitsFID, num_samples: int, seed: int, model_name: str) -> list[dict]:
+    """One stage's exported student, sampled through its pipeline at its export.steps and at each guidance scale
+    its method evaluates, and each milestone student (Distiller.milestones) at its own steps, marked with its
+    folder as "run"."""
+    cfg = stage.config
     _, d, _ = build(cfg)
-    exports = [(student_dir(cfg), cfg.export.steps, None)]
+    exports = [(stage.student_dir, cfg.export.steps, None)]
     exports += [(Path(cfg.output_dir) / folder, [steps], folder) for _, folder, steps in d.milestones()]
     rows = []
     for folder, step_counts, run_name in exports:
-        network = getattr(load_pipeline(str(folder)), d.teacher_info.model_key).to(d.device).eval()
+        pipe = load_pipeline(str(folder)).to(d.device)
+        pipe.set_progress_bar_config(disable=True)
+        network = getattr(pipe, d.teacher_info.model_key)
         these = []
         for steps in step_counts:
             for w in d.eval_guidance_scales():
-                kwargs = {} if w is None else {"guidance_scale": w}
-                images = generate(lambda z, c, g: d.sample(z, c, steps, generator=g, model=network, **kwargs),
-                                  num_samples, d.teacher_info.sample_shape,
-                                  lambda b: d.teacher_info.conditioner.encode(b, d.device), device=d.device, seed=seed)
+                images = generate(lambda z, labels, g: pipeline_images(
+                    pipe, len(z), steps, generator=g, guidance=w, conditions={"class_labels": labels}, latents=z,
+                    **d.pipeline_kwargs()), num_samples, d.teacher_info.sample_shape, device=d.device, seed=seed)
                 row = {"model": model_name, "sampler": d.sampler_name, "steps": steps, "fid": fid(images),
-                       "params": param_count(network)}
+                       "params": parameter_count(network)}
                 if w is not None:
                     row["guidance"] = w
                 if run_name is not None:
@@ -120,27 +121,28 @@ def format_table(rows: list[dict]) -> str:
 def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 1000, seed: int = 0,
                overrides: list[str] | None = None) -> list[dict]:
     """Run each method on the digits world and write results.json; returns its records."""
-    unknown = [m for m in methods if m not in QUICKSTART_CONFIGS]
+    configs = quickstart_configs()
+    unknown = [m for m in methods if m not in configs]
     if unknown:
-        raise ConfigError(f"quickstart has no method {unknown[0]!r}; choose from {', '.join(QUICKSTART_CONFIGS)} or all")
+        raise ConfigError(f"quickstart has no method {unknown[0]!r}; choose from {', '.join(configs)} or all")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fid = DigitsFID()
     rows = []
     for method in methods:
         start = time.perf_counter()
-        cfg = load_config(CONFIGS / "digits" / QUICKSTART_CONFIGS[method],
+        cfg = load_config(CONFIGS / "digits" / configs[method],
                           [f"output_dir={out / method}", f"teacher={DIGITS_TEACHER}", *(overrides or [])])
-        stages = run_stages(cfg)
+        stages = [st for st in run_stages(cfg) if st.student_dir is not None and st.config is not None]
         train_s = time.perf_counter() - start
         for stage in stages:  # a multi-run method (progressive rounds) gets rows for every run's student
-            stage_rows_ = stage_rows(stage, fid, num_samples, seed, method)
+            rows_ = stage_rows(stage, fid, num_samples, seed, method)
             if len(stages) > 1:
-                for r in stage_rows_:
+                for r in rows_:
                     r["run"] = str(Path(stage.output_dir).relative_to(out / method))
-            rows.extend(stage_rows_)
+            rows.extend(rows_)
         print(f"{method}: trained in {train_s:.0f} s, evaluated in {time.perf_counter() - start - train_s:.0f} s; "
-              f"student in {student_dir(stages[-1])}, sample grids in {Path(stages[-1].output_dir) / 'samples'}",
+              f"student in {stages[-1].student_dir}, sample grids in {stages[-1].output_dir / 'samples'}",
               flush=True)
     teacher = load_teacher(str(DIGITS_TEACHER))
     # the teacher at 1/2/4/50 steps, and at every (steps, guidance) a student was measured at

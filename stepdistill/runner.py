@@ -8,9 +8,12 @@ import torch
 import yaml
 
 from .config import RunConfig, to_dict
+from .errors import ConfigError
 from .distillers import get_distiller_class
 from .export import export_student
 from .kernels.dispatch import apply_attention_backend
+from .stages import build_stages
+from .stages import run_stages as run_stage_list
 from .teacher import load_teacher
 from .training.data import build_dataset
 from .training.trainer import Trainer
@@ -24,6 +27,9 @@ def build(cfg: RunConfig):
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
     apply_attention_backend(distiller, cfg.kernels.attention)  # teacher, student and auxiliary networks
     dataset = build_dataset(cfg.data, teacher)
+    if distiller.needs_images and not dataset.has_images:
+        raise ConfigError(f"method {cfg.method!r} trains on images, and data.dataset = {cfg.data.dataset!r} has none; "
+                          "use data.dataset = digits or folder")
     return teacher, distiller, dataset
 
 
@@ -52,33 +58,10 @@ def student_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / "student"
 
 
-def stage_finished(cfg: RunConfig) -> bool:
-    """A run is finished when its final checkpoint (step train.max_steps) and its exported student exist."""
-    from .export import CARD_FILE
-    from .training import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    return (latest is not None and latest.name == f"step-{cfg.train.max_steps:08d}"
-            and (student_dir(cfg) / CARD_FILE).is_file())
-
-
-def run_stages(cfg: RunConfig, evaluator=None) -> list[RunConfig]:
-    """Run every stage a config stands for (Distiller.stages), skipping finished ones; returns the stages.
-
-    One-run methods have one stage, `cfg` itself, which always runs (resuming as `run` does). For
-    multi-run methods (progressive rounds) a crash in stage k leaves stages 1..k-1 finished, and the
-    next call skips them and resumes stage k from its own checkpoints.
-    """
-    stages = get_distiller_class(cfg.method).stages(cfg)
-    for i, stage in enumerate(stages, 1):
-        if len(stages) > 1:
-            tag = f"stage {i}/{len(stages)} ({stage.method}, {stage.output_dir})"
-            if stage_finished(stage):
-                print(f"{tag}: finished, skipped", flush=True)
-                continue
-            print(f"{tag}: training", flush=True)
-        run(stage, evaluator=evaluator)
-    return stages
+def run_stages(cfg: RunConfig) -> list:
+    """Run every stage a config stands for (its `stages:` list or Distiller.stages), skipping finished ones and
+    resuming an interrupted one from its own checkpoints or shards; returns the stages."""
+    return run_stage_list(build_stages(cfg))
 
 
 def export_run(run_dir, steps: int | None = None, weights: str | None = None, out=None) -> Path:
@@ -88,6 +71,8 @@ def export_run(run_dir, steps: int | None = None, weights: str | None = None, ou
     from .training import checkpoint as ckpt
 
     run_dir = Path(run_dir)
+    if steps is not None and steps < 1:
+        raise StepdistillError(f"--steps {steps}: a student samples in at least 1 step")
     overrides = [f"output_dir={run_dir}"] + ([f"train.export_weights={weights}"] if weights else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
@@ -97,6 +82,6 @@ def export_run(run_dir, steps: int | None = None, weights: str | None = None, ou
     trainer = Trainer(distiller, dataset, cfg)
     trainer.load_checkpoint(latest)
     out = Path(out) if out else student_dir(cfg)
-    export_student(distiller, out, steps or cfg.export.steps[0], model=trainer.export_module(), config=to_dict(cfg),
-                   lora_only=cfg.export.lora_only)
+    export_student(distiller, out, steps or cfg.export.steps[0], networks=trainer.export_networks(),
+                   config=to_dict(cfg), lora_only=cfg.export.lora_only)
     return out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import StepdistillError
 from .export import CARD_FILE
 from .pipelines import ClassConditionalPipeline
 from .teacher import load_pipeline
@@ -30,27 +32,45 @@ def pipeline_kind(pipe) -> str:
     return "unconditional"
 
 
-def pipeline_images(pipe, start: int, num: int, steps: int, generator=None, guidance=None, classes=None,
-                    prompts=None) -> torch.Tensor:
-    """Samples start .. start+num-1 as (N, C, H, W) in [-1, 1]; sample i gets classes[i % len] or prompts[i % len]."""
-    kwargs = {"num_inference_steps": steps, "generator": generator, "output_type": "np"}
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
+def pipeline_conditions(pipe, start: int, num: int, classes=None, prompts=None) -> dict:
+    """The raw conditions of samples start .. start+num-1: classes[i % len] or prompts[i % len] (defaults: every
+    class in turn, one generic prompt), as the pipeline's __call__ takes them."""
     kind = pipeline_kind(pipe)
     index = range(start, start + num)
     if kind == "class":
         classes = classes if classes else list(range(pipe.config.num_classes))
-        images = pipe(class_labels=[classes[i % len(classes)] for i in index], **kwargs).images
-    elif kind == "text":
+        return {"class_labels": [classes[i % len(classes)] for i in index]}
+    if kind == "text":
         prompts = prompts or ["a photograph"]
-        images = pipe(prompt=[prompts[i % len(prompts)] for i in index], **kwargs).images
-    else:
-        images = pipe(batch_size=num, **kwargs).images
+        return {"prompt": [prompts[i % len(prompts)] for i in index]}
+    return {}
+
+
+def pipeline_images(pipe, num: int, steps: int, generator=None, guidance=None, conditions: dict | None = None,
+                    latents: torch.Tensor | None = None, **call_kwargs) -> torch.Tensor:
+    """`num` samples of a pipeline as (N, C, H, W) in [-1, 1], through its own __call__.
+
+    `conditions` are raw (class_labels or prompt lists, as a data batch holds them); `latents` is the
+    starting noise where the pipeline takes one (DDPMPipeline draws it from `generator`); `generator` may
+    be one generator or one per sample."""
+    kwargs = {"num_inference_steps": steps, "generator": generator, "output_type": "np", **call_kwargs}
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if latents is not None and "latents" in inspect.signature(pipe.__call__).parameters:
+        kwargs["latents"] = latents
+    conditions = dict(conditions or {})
+    if "class_labels" in conditions:
+        conditions["class_labels"] = torch.as_tensor(conditions["class_labels"]).reshape(-1).tolist()
+    if not conditions:
+        conditions = {"batch_size": num}
+    images = pipe(**conditions, **kwargs).images
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2) * 2 - 1
 
 
 def sample_pipeline_grid(pipeline_dir, steps=None, num=16, out=None, seed=0, guidance=None, classes=None,
                          prompts=None) -> Path:
+    if (steps is not None and steps < 1) or num < 1:
+        raise StepdistillError(f"--steps {steps} --num {num}: sampling needs at least 1 step and 1 image")
     pipeline_dir = Path(pipeline_dir)
     pipe = load_pipeline(str(pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
@@ -58,5 +78,5 @@ def sample_pipeline_grid(pipeline_dir, steps=None, num=16, out=None, seed=0, gui
     generator = torch.Generator().manual_seed(seed)
     if classes and pipeline_kind(pipe) == "class":
         num = len(classes)  # one image per given label
-    x = pipeline_images(pipe, 0, num, steps, generator, guidance, classes, prompts)
+    x = pipeline_images(pipe, num, steps, generator, guidance, pipeline_conditions(pipe, 0, num, classes, prompts))
     return save_grid(x, out or pipeline_dir / f"grid-{steps}step.png")

@@ -35,14 +35,6 @@ class NoiseSchedule:
     def t_of_timestep(self, timestep) -> torch.Tensor:
         raise NotImplementedError
 
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        a, s = self.alpha_sigma(t)
-        return 2 * (torch.log(a) - torch.log(s))
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        a, s = self.alpha_sigma(t)
-        return (a / s) ** 2
-
     def sampling_grid(self, steps: int, spacing: str = "trailing") -> torch.Tensor:
         """Descending times t_0 > ... > t_steps = end, the teacher's few-step sampling grid."""
         raise NotImplementedError
@@ -57,6 +49,7 @@ class VPSchedule(NoiseSchedule):
         # table[i] = abar at t = i / T; index 0 is the clean end
         self.table = torch.cat([torch.ones(1, dtype=torch.float64), abar])
         self.log_table = self.table.log()
+        self._log_tables: dict[torch.device, torch.Tensor] = {}  # the table on each device it is used on
         self.final_alpha_one = final_alpha_one
 
     @classmethod
@@ -73,7 +66,9 @@ class VPSchedule(NoiseSchedule):
         pos = t.double().clamp(0, 1) * self.num_train_timesteps
         lo = pos.floor().clamp(max=self.num_train_timesteps - 1)
         frac = pos - lo
-        table = self.log_table.to(t.device)
+        table = self._log_tables.get(t.device)
+        if table is None:
+            table = self._log_tables[t.device] = self.log_table.to(t.device)
         lo = lo.long()
         return torch.exp(table[lo] * (1 - frac) + table[lo + 1] * frac)
 
@@ -170,10 +165,6 @@ def sample_training_times(schedule: NoiseSchedule, n: int, device=None) -> torch
         k = torch.randint(0, schedule.num_train_timesteps, (n,), device=device)
         return schedule.t_of_timestep(k).float()
     return torch.rand(n, device=device).clamp(min=1e-4)
-
-
-def sample_uniform(n: int, device=None, generator=None, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, device=device, generator=generator)
 
 
 def sample_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, device=None, generator=None) -> torch.Tensor:

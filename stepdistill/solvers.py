@@ -1,4 +1,4 @@
-"""Teacher ODE steps between arbitrary times, and samplers over a time grid.
+"""Teacher ODE steps between arbitrary times (samplers over a time grid are in stepdistill.samplers).
 
 All steps work in DDIM's coordinates y = x / alpha, lambda = sigma / alpha, where the
 probability-flow ODE reads dy/dlambda = eps. In those coordinates DDIM is Euler's method
@@ -50,20 +50,6 @@ def heun_step(denoiser: Denoiser, x, t, t_next, cond=None, guidance=None, clip_x
 
 
 STEPS: dict[str, Callable] = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step}
-
-
-@torch.no_grad()
-def sample(denoiser: Denoiser, noise, grid, cond=None, guidance=None, solver: str = "ddim",
-           clip_x0: float | None = None, callback=None):
-    """Integrate from `noise` at grid[0] down the descending grid; returns the sample at grid[-1]."""
-    step = STEPS[solver]
-    grid = torch.as_tensor(grid)
-    x = noise  # as diffusers: the top of the grid is treated as pure noise (init_noise_sigma = 1)
-    for i in range(len(grid) - 1):
-        x = step(denoiser, x, grid[i], grid[i + 1], cond, guidance, clip_x0)
-        if callback is not None:
-            callback(i, x)
-    return x
 
 
 def nfe(solver: str, steps: int) -> int:

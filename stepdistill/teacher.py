@@ -47,6 +47,13 @@ class Teacher:
             x0 = self.codec.encode(batch["pixel_values"].to(device))
         return x0, self.conditioner.encode(batch, device)
 
+    def batch_size(self, batch: dict) -> int:
+        """Examples in a data batch (images, conditions, or the index of a conditions-only batch)."""
+        for v in batch.values():
+            if isinstance(v, (torch.Tensor, list, tuple)):
+                return len(v)
+        raise StepdistillError("an empty data batch: the dataset yields no images and no conditions")
+
     def to(self, device):
         self.pipeline.to(device)
         return self

@@ -27,7 +27,7 @@ def assert_pipeline_matches_own_sampler(trainer, pipe, steps_list, own_kwargs=No
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(3, 1, 8, 8, generator=g)
         ours = trainer.distiller.sample(noise, {"class_labels": labels}, steps, generator=g,
-                                        model=trainer.export_module(), **(own_kwargs or {}))
+                                        networks=trainer.export_networks(), **(own_kwargs or {}))
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(3, 1, 8, 8, generator=g)
         theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, generator=g, output_type="pt",

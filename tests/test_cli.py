@@ -32,3 +32,9 @@ def test_train_export_and_sample_commands(class_teacher, tmp_path):
     assert Image.open(tmp_path / "g.png").size[0] > 16
     assert main(["sample", str(class_teacher), "--steps", "3", "--num", "4", "--guidance", "2.0",
                  "--out", str(tmp_path / "t.png")]) == 0
+
+
+def test_sample_with_zero_steps_is_refused(class_teacher, tmp_path, capsys):
+    assert main(["sample", str(class_teacher), "--steps", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--steps 0 --num 16: sampling needs at least 1 step and 1 image" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

@@ -3,7 +3,6 @@ from diffusers import DiffusionPipeline, LCMScheduler
 
 from distiller_suite import DistillerSuite
 from helpers import assert_pipeline_matches_own_sampler, tiny_config
-from stepdistill.distillers.consistency import pseudo_huber
 from stepdistill.pipelines import ClassConditionalPipeline
 from stepdistill.runner import build, run
 
@@ -30,19 +29,10 @@ def test_sampling_times_match_lcm_scheduler(class_teacher, tmp_path):
         torch.testing.assert_close(ours, sched.timesteps.float())
 
 
-def test_pseudo_huber_is_zero_at_identity_and_symmetric():
-    x, y = torch.randn(4, 3), torch.randn(4, 3)
-    assert pseudo_huber(x, x, 0.01).item() == 0
-    torch.testing.assert_close(pseudo_huber(x, y, 0.01), pseudo_huber(y, x, 0.01))
-    # small differences are quadratic (diff^2 / 2c), large ones linear (|diff| - c)
-    torch.testing.assert_close(pseudo_huber(torch.tensor([1e-4]), torch.zeros(1), 1.0), torch.tensor(5e-9), atol=1e-12, rtol=1e-3)
-    torch.testing.assert_close(pseudo_huber(torch.tensor([100.0]), torch.zeros(1), 1e-3), torch.tensor(100.0 - 1e-3), rtol=1e-5, atol=1e-5)
-
-
 def test_target_network_is_the_ema_and_loss_is_finite(class_teacher, tmp_path):
     trainer = run(tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=2"))
-    target = trainer.ema.module("target")
-    assert trainer.ema.rates == {"target": 0.95}
+    target = trainer.ema.module("student", "target")
+    assert trainer.ema.rates("student") == {"target": 0.95}
     student = dict(trainer.distiller.student.named_parameters())
     # after two updates target = 0.95^2 teacher + (1 - 0.95^2) weighted student: between the two, not equal to either
     name = "conv_in.weight"
@@ -67,7 +57,7 @@ def test_unconditional_student_loads_in_plain_diffusers(uncond_teacher, tmp_path
     # and it is the trained student: the same noise through stepdistill's own sampler gives the same images
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, 1, 8, 8, generator=g)
-    ours = trainer.distiller.sample(noise, {}, 2, generator=g, model=trainer.export_module())
+    ours = trainer.distiller.sample(noise, {}, 2, generator=g, networks=trainer.export_networks())
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), images, atol=1e-4, rtol=1e-4)
 
 

@@ -133,3 +133,42 @@ def test_latent_codec_applies_the_vae_scaling_and_shift():
     with torch.no_grad():
         expected = (vae.encode(images).latent_dist.sample() - 0.1) * 0.5
     torch.testing.assert_close(lat, expected)
+
+
+def test_with_model_takes_a_schedule_and_refuses_a_parameterization_that_does_not_fit():
+    from stepdistill.errors import StepdistillError
+    from stepdistill.schedules import FlowSchedule
+
+    teacher = denoiser_for(tiny_unet(), DDIMScheduler(prediction_type="epsilon").config)
+    with pytest.raises(StepdistillError, match="a 'flow' network does not fit a VPSchedule"):
+        teacher.with_model(tiny_unet(), "flow")  # a velocity student cannot keep the teacher's VP schedule
+    flow = FlowSchedule(1000, shift=1.0)
+    student = teacher.with_model(tiny_unet(), "flow", schedule=flow)
+    assert student.schedule is flow and student.prediction_type == "flow"
+    a, s = student.alpha_sigma(torch.tensor([0.25]), torch.zeros(1, 1, 8, 8))
+    assert a.flatten().item() == 0.75 and s.flatten().item() == 0.25  # the student's time axis, not the teacher's
+
+
+def test_features_hook_returns_the_bottleneck_and_stops_there():
+    model = tiny_class_unet()
+    den = denoiser_for(model, DDIMScheduler(prediction_type="v_prediction").config, {"class_labels": torch.tensor([10])})
+    ups = []
+    model.up_blocks[0].register_forward_hook(lambda *a: ups.append(1))
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    cond = {"class_labels": torch.tensor([1, 2])}
+    feats = den.features(x, torch.tensor([0.5, 0.5]), cond)
+    seen = {}
+    hook = model.mid_block.register_forward_hook(lambda m, i, out: seen.setdefault("mid", out))
+    with torch.no_grad():
+        den.x0(x, torch.tensor([0.5, 0.5]), cond)
+    hook.remove()
+    assert feats.shape == seen["mid"].shape == (2, 16, 4, 4)
+    torch.testing.assert_close(feats.detach(), seen["mid"])
+    assert len(ups) == 1  # the features call ran no up block; the full x0 call ran them
+    feats.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    sd3 = tiny_sd3()
+    flow = denoiser_for(sd3, FlowMatchEulerDiscreteScheduler().config)
+    tokens = flow.features(torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.6]),
+                           {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)})
+    assert tokens.shape[0] == 2 and tokens.ndim == 3  # a transformer block's image tokens

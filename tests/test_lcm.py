@@ -38,7 +38,7 @@ def test_guided_teacher_step_uses_diffusers_convention(class_teacher, tmp_path):
                           "distill.guidance_scale_max=2"))[1]
     w = d.draw_guidance(3, "cpu")
     torch.testing.assert_close(w, torch.full((3,), 2.0))
-    emb = d.student_cond({"class_labels": torch.tensor([1, 2, 3])}, w)["timestep_cond"]
+    emb = d.student_cond({"class_labels": torch.tensor([1, 2, 3])}, w, 3)["timestep_cond"]
     from stepdistill.conditioning import guidance_embedding
 
     torch.testing.assert_close(emb, guidance_embedding(torch.full((3,), 1.0), 256))  # LCM's w = scale - 1
@@ -50,7 +50,7 @@ def test_lora_student_trains_only_adapters_and_shares_frozen_weights(class_teach
     assert has_lora(student)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    target = trainer.ema.module("target")
+    target = trainer.ema.module("student", "target")
     base = "conv_in.weight"
     assert dict(target.named_parameters())[base] is dict(student.named_parameters())[base]  # EMA shares the base
     # the export merged the adapters (a plain UNet), and its lora/ loads into the teacher pipeline
@@ -60,7 +60,7 @@ def test_lora_student_trains_only_adapters_and_shares_frozen_weights(class_teach
     loaded.load_lora_weights(tmp_path / "student" / "lora")
     x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([500, 900]), torch.tensor([1, 2])
     with torch.no_grad():
-        expected = trainer.export_module()(x, t, None, class_labels=labels).sample
+        expected = trainer.export_networks()["student"](x, t, None, class_labels=labels).sample
         assert not torch.allclose(expected, loaded.unet(x, t, None, class_labels=labels).sample * 0)
         for unet in (merged.unet, loaded.unet):
             torch.testing.assert_close(unet(x, t, None, class_labels=labels).sample, expected, atol=1e-5, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_lcm_lora_loads_in_plain_diffusers_and_matches_own_sampler(arch, request
     cond = d.teacher_info.conditioner.encode({"prompt": prompts}, "cpu")
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, 4, 8, 8, generator=g)
-    ours = d.sample(noise, cond, 4, generator=g, model=trainer.export_module())
+    ours = d.sample(noise, cond, 4, generator=g, networks=trainer.export_networks())
     for pipe in (_plain_lora_pipeline(cls, teacher, student_dir), cls.from_pretrained(student_dir)):
         assert isinstance(pipe.scheduler, LCMScheduler)
         g = torch.Generator().manual_seed(0)

@@ -77,7 +77,7 @@ def test_own_sampler_equals_plain_pipeline_with_ddim_at_the_edges(class_teacher,
         torch.testing.assert_close(d.teacher.schedule.model_timestep(d.sampling_times(steps)[:-1]),
                                    pipe.scheduler.timesteps.float())
         noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(steps))
-        ours = d.sample(noise, {"class_labels": labels}, steps, model=trainer.export_module())
+        ours = d.sample(noise, {"class_labels": labels}, steps, networks=trainer.export_networks())
         theirs = pipe(class_labels=labels, num_inference_steps=steps, latents=noise, output_type="pt").images
         torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-4, rtol=1e-4)
 
@@ -94,7 +94,7 @@ def test_sd3_pcm_lora_loads_in_plain_diffusers(sd3_teacher, prompt_file, tmp_pat
     prompts = ["a red cat", "a blue dog"]
     cond = d.teacher_info.conditioner.encode({"prompt": prompts}, "cpu")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = d.sample(noise, cond, 4, model=trainer.export_module())
+    ours = d.sample(noise, cond, 4, networks=trainer.export_networks())
     loaded = StableDiffusion3Pipeline.from_pretrained(sd3_teacher, text_encoder_3=None, tokenizer_3=None)
     loaded.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(student_dir, subfolder="scheduler")
     loaded.load_lora_weights(student_dir / "lora")

@@ -14,13 +14,14 @@ from distiller_suite import DistillerSuite
 from helpers import tiny_config
 from stepdistill import runner, solvers
 from stepdistill.config import load_config
-from stepdistill.denoiser import PARAMETERIZATIONS, VDenoiser
+from stepdistill.denoiser import PARAMETERIZATIONS
 from stepdistill.distillers.progressive import (GuidanceDistiller, ProgressiveDistiller, ddim_target, loss_weight,
                                                 step_grids, student_grid, weighted_mse)
 from stepdistill.errors import ConfigError
 from stepdistill.paths import CONFIGS
 from stepdistill.pipelines import ClassConditionalPipeline
 from stepdistill.runner import build, run, run_stages
+from stepdistill.stages import build_stages
 from stepdistill.schedules import FlowSchedule, VPSchedule
 from stepdistill.training.trainer import Trainer
 
@@ -63,7 +64,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("schedule, teacher_kind", [("vp_cosine", "epsilon"), ("vp_cosine", "v_prediction"),
                                                      ("vp_scaled_linear", "epsilon"), ("flow", "flow")])
 def test_one_student_ddim_step_lands_exactly_on_the_teachers_two_steps(schedule, teacher_kind):
-    """x_tilde (Algorithm 2) put through a v-student's head and one DDIM step gives the teacher's z_t''."""
+    """x_tilde (Algorithm 2) put through a v-student's head (flow: velocity head) and one DDIM step gives the teacher's z_t''."""
     sched = SCHEDULES[schedule]
     teacher = PARAMETERIZATIONS[teacher_kind](Smooth(), sched)
     steps = 8
@@ -77,8 +78,9 @@ def test_one_student_ddim_step_lands_exactly_on_the_teachers_two_steps(schedule,
         a2, s2 = teacher.alpha_sigma(t_next.expand(3), z)
         x_tilde = ddim_target(z, z_next, a, s, a2, s2)
         eps_tilde = (z - a * x_tilde) / s
-        raw = VDenoiser(None, sched).to_output(x_tilde, eps_tilde, a, s)  # the v a student would have to output
-        student = VDenoiser(Fixed(raw), sched)
+        head = PARAMETERIZATIONS["flow" if schedule == "flow" else "v_prediction"]  # the student's head
+        raw = head(None, sched).to_output(x_tilde, eps_tilde, a, s)  # what a student would have to output
+        student = head(Fixed(raw), sched)
         landed = solvers.ddim_step(student, z, t, t_next)
         torch.testing.assert_close(landed, z_next, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(student.x0(z, t), x_tilde, atol=2e-4, rtol=1e-4)
@@ -188,7 +190,7 @@ def test_loss_is_the_weighted_error_against_the_two_step_target(class_teacher, t
     _, d, _ = build(tiny_config("digits/progressive.yaml", class_teacher, tmp_path, *ROUND1))
     batch = {"pixel_values": torch.rand(4, 1, 8, 8) * 2 - 1, "class_labels": torch.tensor([0, 1, 2, 3])}
     torch.manual_seed(1)
-    loss = d.loss(batch, 0)["student"]
+    loss = d.loss(batch, 0, "student")["loss"]
     torch.manual_seed(1)
     x0 = batch["pixel_values"]
     i = torch.randint(0, d.steps, (4,))
@@ -219,7 +221,7 @@ def test_guidance_target_is_cfg_and_the_student_starts_as_the_conditional_teache
         torch.testing.assert_close(d.teacher.x0(x, t, cond, guidance=w), xu + w.reshape(-1, 1, 1, 1) * (xc - xu))
         # zero-initialised scale input: at init the student is the conditional teacher at every w
         for scale in (1.0, 4.0):
-            s_cond = d.guided.student_cond(cond, torch.full((3,), scale), 3, "cpu")
+            s_cond = d.guided.condition(cond, torch.full((3,), scale), 3, "cpu")
             torch.testing.assert_close(d.student_denoiser.x0(x, t, s_cond), xc, atol=1e-5, rtol=1e-5)
 
 
@@ -248,7 +250,9 @@ def test_rounds_chain_teachers_and_resume_per_round(class_teacher, tmp_path, mon
     with pytest.raises(Crash):
         run_stages(cfg)
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
-    assert runner.stage_finished(stages[0]) and not runner.stage_finished(stages[1])
+    runs = build_stages(cfg)
+    assert [r.output_dir for r in runs] == [Path(s.output_dir) for s in stages]
+    assert runs[0].finished() and not runs[1].finished()
     round1_weights = (Path(stages[0].output_dir) / "student" / "unet" / "diffusion_pytorch_model.safetensors").stat()
 
     started = []
@@ -266,7 +270,7 @@ def test_rounds_chain_teachers_and_resume_per_round(class_teacher, tmp_path, mon
         == round1_weights.st_mtime
     round2 = started[0][1]
     assert round2.step == 2 and round2.micro_step == 2  # resumed at step 1, trained one more
-    assert all(runner.stage_finished(s) for s in stages)
+    assert all(r.finished() for r in runs)
     # the last round's student samples in one step in the exported pipeline
     pipe = ClassConditionalPipeline.from_pretrained(Path(stages[-1].output_dir) / "student")
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.config.default_steps == 1
@@ -283,7 +287,7 @@ def test_exported_schedulers_reproduce_the_own_sampler(class_teacher, tmp_path):
     labels = torch.tensor([0, 3, 7])
     for steps, scheduler, tol in ((8, pipe.scheduler, 1e-5), (16, d.export_scheduler(16), 1e-3)):
         noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(steps))
-        ours = d.sample(noise, {"class_labels": labels}, steps, model=trainer.export_module())
+        ours = d.sample(noise, {"class_labels": labels}, steps, networks=trainer.export_networks())
         p = ClassConditionalPipeline(unet=pipe.unet, scheduler=scheduler, null_class=10)
         p.set_progress_bar_config(disable=True)
         theirs = p(class_labels=labels, num_inference_steps=steps, latents=noise, output_type="pt").images
@@ -302,14 +306,14 @@ def test_ddpm_teacher_gives_a_ddpm_student_in_plain_diffusers(uncond_teacher, tm
     images = pipe(batch_size=2, num_inference_steps=4, generator=g, output_type="np").images
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, 1, 8, 8, generator=g)
-    ours = trainer.distiller.sample(noise, {}, 4, model=trainer.export_module())
+    ours = trainer.distiller.sample(noise, {}, 4, networks=trainer.export_networks())
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), images, atol=1e-5, rtol=0)
 
 
 def test_guidance_stages_then_one_pass_per_step_at_any_scale(class_teacher, tmp_path):
     cfg = tiny_config("digits/guidance.yaml", class_teacher, tmp_path, "train.max_steps=2", "distill.progressive_start_steps=4",
                       "distill.progressive_max_steps=1", "export.steps=[4]")
-    stages = run_stages(cfg)
+    stages = [st.config for st in run_stages(cfg)]
     assert [s.method for s in stages] == ["guidance", "progressive", "progressive"]
     assert [Path(s.output_dir).name for s in stages] == ["guided", "round-01-2steps", "round-02-1steps"]
     assert stages[1].teacher == str(tmp_path / "guided" / "student") and stages[1].train.max_steps == 1
@@ -329,10 +333,10 @@ def test_guidance_stages_then_one_pass_per_step_at_any_scale(class_teacher, tmp_
         theirs = pipe(class_labels=labels, num_inference_steps=1, guidance_scale=scale, latents=noise,
                       output_type="pt").images
         assert calls == [2]  # one pass of batch 2: no doubled CFG batch
-        ours = d.sample(noise, {"class_labels": labels}, 1, model=pipe.unet, guidance_scale=scale)
+        ours = d.sample(noise, {"class_labels": labels}, 1, networks={"student": pipe.unet}, guidance_scale=scale)
         torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5, rtol=0)
     # and the scale matters: the student was trained on a range of them
-    outs = [d.sample(noise, {"class_labels": labels}, 1, model=pipe.unet, guidance_scale=w) for w in (1.0, 5.0)]
+    outs = [d.sample(noise, {"class_labels": labels}, 1, networks={"student": pipe.unet}, guidance_scale=w) for w in (1.0, 5.0)]
     assert not torch.allclose(outs[0], outs[1])
 
 
@@ -348,7 +352,7 @@ def test_text_guided_student_runs_one_pass_per_step_in_plain_diffusers(arch, req
                       "train.mixed_precision='no'", "train.batch_size=2", "train.sample_every=0",
                       f"data.path={caption_folder}", "data.resolution=16", "distill.progressive_start_steps=4",
                       "distill.progressive_end_steps=2", "distill.progressive_max_steps=1", "export.steps=[4]")
-    stages = run_stages(cfg)
+    stages = [st.config for st in run_stages(cfg)]
     assert [s.method for s in stages] == ["guidance", "progressive"]
     _, d, _ = build(stages[-1])
     cls = StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline
@@ -362,7 +366,7 @@ def test_text_guided_student_runs_one_pass_per_step_in_plain_diffusers(arch, req
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = pipe(prompt=prompts, num_inference_steps=2, guidance_scale=7.5, latents=noise, output_type="latent").images
     assert calls == [2, 2]  # two steps, one pass of batch 2 each
-    ours = d.sample(noise, cond, 2, model=pipe.unet, guidance_scale=7.5)
+    ours = d.sample(noise, cond, 2, networks={"student": pipe.unet}, guidance_scale=7.5)
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=2e-4)
 
 

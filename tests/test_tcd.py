@@ -73,7 +73,7 @@ def test_flow_teacher_students_sample_like_flowmatch_euler(method, sd3_teacher, 
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for steps in (1, 3):
         torch.manual_seed(1)  # SD3's pipeline draws the stochastic sampler's noise from the global generator
-        ours = d.sample(noise, cond, steps, model=trainer.export_module())
+        ours = d.sample(noise, cond, steps, networks=trainer.export_networks())
         torch.manual_seed(1)
         theirs = pipe(prompt=prompts, num_inference_steps=steps, latents=noise.clone(), guidance_scale=1.0,
                       output_type="latent").images

@@ -38,7 +38,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(class_teacher, tmp_pa
     a, b = student_state(straight), student_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("target", "ema_0.9"):
-        for p, q in zip(straight.ema.module(name).parameters(), resumed.ema.module(name).parameters()):
+        for p, q in zip(straight.ema.module("student", name).parameters(), resumed.ema.module("student", name).parameters()):
             assert torch.equal(p, q)
     # the run really did change the weights (the comparison is not trivially true)
     teacher_sd = straight.distiller.teacher.model.state_dict()
@@ -93,7 +93,34 @@ def test_kernel_choices_reach_the_models(class_teacher, tmp_path):
                       "kernels.ema=foreach")
     trainer = run(cfg)  # under TRITON_INTERPRET=1 the Triton path runs on the CPU
     d = trainer.distiller
-    for net in (d.teacher.model, d.student, trainer.ema.module("target")):
+    for net in (d.teacher.model, d.student, trainer.ema.module("student", "target")):
         procs = [m.processor for m in net.modules() if isinstance(m, Attention)]
         assert procs and all(isinstance(p, FlashAttnProcessor) for p in procs)
-    assert trainer.ema._fused is None  # foreach
+    assert trainer.ema.emas["student"]._fused is None  # foreach
+
+
+def test_frozen_networks_stay_in_eval_mode_while_the_student_trains(class_teacher, tmp_path, monkeypatch):
+    from stepdistill.distillers.consistency import ConsistencyDistiller
+
+    modes = []
+    real = ConsistencyDistiller.loss
+
+    def recording(self, batch, step, network):
+        modes.append((self.teacher.model.training, self.distance.lpips.training, self.student.training))
+        return real(self, batch, step, network)
+
+    monkeypatch.setattr(ConsistencyDistiller, "loss", recording)
+    run(tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=2", "distill.loss=lpips"))
+    assert modes == [(False, False, True)] * 2  # LPIPS's dropout and the teacher stay in eval mode
+
+
+def test_data_free_run_on_conditions_alone(class_teacher, tmp_path):
+    """data.dataset = none: class labels only; consistency distillation starts from the teacher's own DDIM."""
+    trainer = run(tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=2",
+                              "data.dataset=none", "distill.data_free_steps=1"))
+    assert trainer.step == 2 and trainer.logs["loss/student"] > 0
+    from stepdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method 'progressive' trains on images, and data.dataset = 'none' has none"):
+        build(tiny_config("digits/progressive.yaml", class_teacher, tmp_path / "p", "data.dataset=none",
+                          "distill.round=1", "distill.start_steps=8"))

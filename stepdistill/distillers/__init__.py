@@ -21,7 +21,12 @@ def _import_all() -> None:
 
 def available_methods() -> list[str]:
     _import_all()
-    return sorted(k for k, v in REGISTRY.items() if not getattr(v, "hidden", False))
+    return sorted(k for k, v in REGISTRY.items() if not v.hidden)
+
+
+def family_methods(family: str) -> tuple[str, ...]:
+    """The registered methods a family's training script runs (Distiller.family)."""
+    return tuple(m for m in available_methods() if REGISTRY[m].family == family)
 
 
 def get_distiller_class(name: str) -> type[Distiller]:
@@ -31,4 +36,4 @@ def get_distiller_class(name: str) -> type[Distiller]:
     return REGISTRY[name]
 
 
-__all__ = ["Distiller", "DistillerConfig", "register", "get_distiller_class", "available_methods"]
+__all__ = ["Distiller", "DistillerConfig", "register", "get_distiller_class", "available_methods", "family_methods"]

@@ -28,23 +28,23 @@ scalings, the sampling times and the diffusers scheduler), chosen once from the 
 
 from __future__ import annotations
 
-import copy
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler, TCDScheduler
-from torch import nn
 
 from .. import solvers
-from ..conditioning import guidance_embedding
 from ..config import check_range, option
-from ..denoiser import cond_batch_size
+from ..denoiser import Prediction
 from ..errors import ConfigError
+from ..guidance import check_guidance_range, draw_scales, guidance_input, require_null_condition
+from ..losses import Distance
 from ..lora import add_lora
+from ..samplers import sample_consistency, sample_ode, sample_tcd
 from ..schedules import FlowSchedule, VPSchedule, _bcast
 from .base import Distiller, DistillerConfig, register
+from .common import copy_student
 
 
 @dataclass
@@ -53,9 +53,10 @@ class ConsistencyConfig(DistillerConfig):
     solver: Literal["ddim", "euler", "heun"] = option("ddim", "teacher ODE step across one skipping interval")
     target: Literal["ema", "online"] = option("ema", "target network: EMA of the student, or the student under stop-gradient")
     target_ema_decay: float = option(0.95, "EMA rate of the target network (LCM and CD: 0.95)")
-    loss: Literal["huber", "l2", "lpips"] = option(
-        "huber", "distance d: elementwise pseudo-Huber sqrt(diff^2 + c^2) - c, squared L2, or LPIPS "
-        "(AlexNet from $STEPDISTILL_ASSETS; latents are decoded through the VAE first)")
+    loss: Literal["huber", "l2", "huber_ict", "lpips"] = option(
+        "huber", "distance d: elementwise pseudo-Huber sqrt(diff^2 + c^2) - c (LCM), squared L2, iCT's pseudo-Huber "
+        "on the whole example (c = 0.00054 sqrt(dim)), or LPIPS (AlexNet from $STEPDISTILL_ASSETS; latents are "
+        "decoded through the VAE first)")
     huber_c: float = option(0.001, "pseudo-Huber c (LCM: 0.001)")
     timestep_scaling: float = option(10.0, "boundary scalings use timestep * scaling (LCMScheduler's timestep_scaling)")
     sigma_data: float = option(0.5, "boundary scalings' sigma_data (LCMScheduler fixes 0.5)")
@@ -76,15 +77,12 @@ class ConsistencyConfig(DistillerConfig):
         check_range("distill.num_ddim_timesteps", self.num_ddim_timesteps, 2, 1000)
         check_range("distill.target_ema_decay", self.target_ema_decay, 0, 1)
         check_range("distill.huber_c", self.huber_c, 0, low_open=True)
-        check_range("distill.guidance_scale_min", self.guidance_scale_min, 0)
+        check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
         check_range("distill.guidance_embedding_dim", self.guidance_embedding_dim, 2)
         check_range("distill.lora_rank", self.lora_rank, 0)
         check_range("distill.data_free_steps", self.data_free_steps, 1, 1000)
         if self.lora_alpha is not None:
             check_range("distill.lora_alpha", self.lora_alpha, 0, low_open=True)
-        if self.guidance_scale_max < self.guidance_scale_min:
-            raise ConfigError(f"distill.guidance_scale_max = {self.guidance_scale_max} is below "
-                              f"distill.guidance_scale_min = {self.guidance_scale_min}")
         if self.guidance_embedding and self.lora_rank:
             raise ConfigError("distill.guidance_embedding needs a new input layer that a LoRA (distill.lora_rank > 0) "
                               "cannot train; LCM-LoRA bakes guidance in: set guidance_embedding: false")
@@ -94,7 +92,7 @@ class ConsistencyConfig(DistillerConfig):
 class LCMConfig(ConsistencyConfig):
     """Latent consistency distillation (Luo et al. 2023); values from diffusers' train_lcm_distill_sd_wds.py."""
 
-    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d (LCM README commands: huber)")
+    loss: Literal["huber", "l2", "huber_ict", "lpips"] = option("huber", "distance d (LCM README commands: huber)")
     guidance_scale_min: float = option(6.0, "lowest teacher CFG scale, diffusers convention (LCM: w_min = 5, its own convention)")
     guidance_scale_max: float = option(16.0, "highest teacher CFG scale, diffusers convention (LCM: w_max = 15)")
     guidance_embedding: bool = option(True, "LCM's w-conditioning (timestep_cond); off for LCM-LoRA")
@@ -104,7 +102,7 @@ class LCMConfig(ConsistencyConfig):
 class TCDConfig(ConsistencyConfig):
     """Trajectory consistency distillation (Zheng et al. 2024, arXiv 2402.19159)."""
 
-    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d")
+    loss: Literal["huber", "l2", "huber_ict", "lpips"] = option("huber", "distance d")
     gamma: float = option(0.3, "strategic stochastic sampling's gamma (TCDScheduler's eta, default 0.3): "
                                "0 = deterministic DDIM-like, 1 = LCM-like multistep")
     guidance_scale_min: float = option(6.0, "lowest teacher CFG scale, diffusers convention (as LCM)")
@@ -124,7 +122,7 @@ class PCMConfig(ConsistencyConfig):
                                          "(empty: num_phases throughout)")
     stage_steps: int = option(0, "optimizer steps per stage; the last stage runs to the end (needed with stage_phases)")
     target: Literal["ema", "online"] = option("online", "target network (PCM: the online student under stop-gradient)")
-    loss: Literal["huber", "l2", "lpips"] = option("huber", "distance d (PCM: huber, c = 0.001)")
+    loss: Literal["huber", "l2", "huber_ict", "lpips"] = option("huber", "distance d (PCM: huber, c = 0.001)")
     guidance_scale_min: float = option(5.0, "lowest teacher CFG scale, diffusers convention (PCM: w_min = 4, LCM form)")
     guidance_scale_max: float = option(6.0, "highest teacher CFG scale, diffusers convention (PCM: w_max = 5, LCM form)")
 
@@ -137,33 +135,6 @@ class PCMConfig(ConsistencyConfig):
             raise ConfigError("distill.stage_phases needs distill.stage_steps >= 1 (optimizer steps per stage)")
 
 
-def copy_student(model: nn.Module, **config_changes) -> nn.Module:
-    """A trainable fp32 copy of the teacher network, optionally with config changes (new inputs start at zero)."""
-    if not config_changes:
-        student = copy.deepcopy(model)
-    else:
-        params = inspect.signature(type(model).__init__).parameters
-        bad = [k for k in config_changes if k not in params]
-        if bad:
-            raise ConfigError(f"{type(model).__name__} has no config option {bad[0]!r}; "
-                              "this method option needs a network that supports it (e.g. UNet2DConditionModel)")
-        student = type(model).from_config({**model.config, **config_changes})
-        missing, unexpected = student.load_state_dict(model.state_dict(), strict=False)
-        if unexpected:
-            raise ConfigError(f"teacher weights do not fit the student: unexpected keys {unexpected[:3]}")
-        with torch.no_grad():
-            for name, p in student.named_parameters():
-                if name in missing:
-                    p.zero_()
-    return student.float().requires_grad_(True).train()
-
-
-def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
-    """mean(sqrt(d^2 + c^2) - c), written as d^2 / (sqrt(d^2 + c^2) + c) so small d keep their precision."""
-    d2 = (x.float() - y.float()) ** 2
-    return torch.mean(d2 / (torch.sqrt(d2 + c * c) + c))
-
-
 def jump(denoiser, x, t, s, cond, pred=None):
     """The DDIM (first-order exponential-integrator) map x_t -> x_s from the network's (x0, eps) at t.
 
@@ -171,6 +142,18 @@ def jump(denoiser, x, t, s, cond, pred=None):
     p = pred if pred is not None else denoiser.predict(x, t, cond)
     a, sig = denoiser.alpha_sigma(s, x)
     return a * p.x0 + sig * p.eps
+
+
+class ConsistencyFunction:
+    """LCM's f(x, t) = c_skip(t) x + c_out(t) x0(x, t), as a denoiser whose x0 is f (the consistency sampler's model)."""
+
+    def __init__(self, denoiser, boundary):
+        self.denoiser, self.boundary = denoiser, boundary
+        self.alpha_sigma, self.add_noise = denoiser.alpha_sigma, denoiser.add_noise
+
+    def predict(self, x, t, cond=None):
+        c_skip, c_out = self.boundary(t, x)
+        return Prediction(c_skip * x + c_out * self.denoiser.x0(x, t, cond), None)
 
 
 # ----------------------------------------------------------------------------- timelines
@@ -276,6 +259,9 @@ class ConsistencyDistiller(Distiller):
 
     config_class = ConsistencyConfig
     paper = {"title": "Consistency Models", "arxiv": "2303.01469"}
+    family = "consistency"
+    quickstart_config = "consistency.yaml"
+    needs_images = False  # prompt-only batches start from the teacher's guided DDIM (data_free_start)
     sampler_name = "consistency"
     scheduler_kind = "consistency"
 
@@ -286,22 +272,15 @@ class ConsistencyDistiller(Distiller):
         if config.lora_rank:
             student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_target_modules or None)
         self.student_denoiser = self.teacher.with_model(student)
+        self.student_guidance = guidance_input(student)  # the w-embedding, or none (guidance baked in)
         self.timeline = TIMELINES[type(self.teacher.schedule)](self.teacher.schedule, config)
-        if config.guidance_scale_max > 1 and self.teacher.null_cond is None:
-            raise ConfigError("distill.guidance_scale_min/max > 1 need a conditional teacher with a null condition "
-                              "(classifier-free guidance); set both to 1 for this teacher")
-        self.lpips = None
-        if config.loss == "lpips":
-            from ..losses import LPIPSLoss
-
-            self.lpips = LPIPSLoss()
-
-    @property
-    def student(self):
-        return self.student_denoiser.model
+        require_null_condition(self.teacher, config.guidance_scale_min, config.guidance_scale_max)
+        decode = self.codec.differentiable_decode if self.codec.latent else None
+        self.distance = Distance(config.loss, huber_c=config.huber_c, decode=decode)
+        self._target = None
 
     def ema_rates(self):
-        return {"target": self.config.target_ema_decay} if self.config.target == "ema" else {}
+        return {"student": {"target": self.config.target_ema_decay}} if self.config.target == "ema" else {}
 
     # -- the map each method defines ---------------------------------------------------------------
     def boundary(self, t: torch.Tensor, like: torch.Tensor):
@@ -311,8 +290,7 @@ class ConsistencyDistiller(Distiller):
 
     def consistency_fn(self, denoiser, x, t, cond):
         """LCM's f(x, t) = c_skip(t) x + c_out(t) x0(x, t)."""
-        c_skip, c_out = self.boundary(t, x)
-        return c_skip * x + c_out * denoiser.x0(x, t, cond)
+        return ConsistencyFunction(denoiser, self.boundary).predict(x, t, cond).x0
 
     def draw_times(self, n: int, device, step: int):
         """(t_n, t_{n-1}, s): start, teacher-step end and landing time of each example."""
@@ -326,27 +304,19 @@ class ConsistencyDistiller(Distiller):
         return self.consistency_fn(den, x, t, cond)
 
     # -- shared pieces -------------------------------------------------------------------------------
-    def grid_times(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.timeline.grid(idx)
-
-    def student_cond(self, cond: dict, w: torch.Tensor | None) -> dict:
-        if not self.config.guidance_embedding:
-            return cond
-        n = cond_batch_size(cond) or 1
-        w = torch.ones(n) if w is None else w
-        emb = guidance_embedding(w - 1.0, self.config.guidance_embedding_dim)
-        return {**cond, "timestep_cond": emb.to(self.device)}
+    def student_cond(self, cond: dict, w: torch.Tensor | None, n: int) -> dict:
+        """The student's inputs: the condition, plus the w-embedding for a w-conditioned student."""
+        return self.student_guidance.condition(cond, w, n, self.device)
 
     def draw_guidance(self, n: int, device) -> torch.Tensor | None:
-        lo, hi = self.config.guidance_scale_min, self.config.guidance_scale_max
-        if lo == hi == 1.0:
-            return None
-        return lo + (hi - lo) * torch.rand(n, device=device)
+        return draw_scales(self.config.guidance_scale_min, self.config.guidance_scale_max, n, device)
 
     def target_denoiser(self):
         if self.config.target == "online":
             return self.student_denoiser
-        return self.teacher.with_model(self.ema.module("target"))
+        if self._target is None:
+            self._target = self.teacher.with_model(self.ema.module("student", "target"))
+        return self._target
 
     @torch.no_grad()
     def data_free_start(self, n: int, t: torch.Tensor, cond: dict, w) -> torch.Tensor:
@@ -358,20 +328,10 @@ class ConsistencyDistiller(Distiller):
             x = solvers.ddim_step(self.teacher, x, hi, lo, cond, guidance=w)
         return x
 
-    def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.config.loss == "huber":
-            return pseudo_huber(pred, target, self.config.huber_c)
-        if self.config.loss == "l2":
-            return torch.mean((pred.float() - target.float()) ** 2)
-        # LPIPS compares images: latents go through the (frozen) VAE decoder, with gradients for the prediction
-        with torch.no_grad():
-            target_img = self.codec.decode(target)
-        return self.lpips(self.codec.differentiable_decode(pred), target_img)
-
     # -- training ----------------------------------------------------------------------------------
-    def loss(self, batch, step):
+    def loss(self, batch, step, network):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)
-        n = x0.shape[0] if x0 is not None else cond_batch_size(cond)
+        n = self.teacher_info.batch_size(batch)
         device = self.device
         t, t_prev, s = self.draw_times(n, device, step)
         w = self.draw_guidance(n, device)
@@ -379,44 +339,44 @@ class ConsistencyDistiller(Distiller):
             x_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
         else:
             x_t = self.data_free_start(n, t, cond, w)
-        s_cond = self.student_cond(cond, w)
+        s_cond = self.student_cond(cond, w, n)
 
         pred = self.online(self.student_denoiser, x_t, t, s, s_cond)
         with torch.no_grad():
             x_prev = solvers.STEPS[self.config.solver](self.teacher, x_t, t, t_prev, cond, guidance=w)
             target = self.target_map(self.target_denoiser(), x_prev, t_prev, s, s_cond)
-        return {"student": self.distance(pred, target)}
+        return {"loss": self.distance(pred, target).mean()}
 
     # -- sampling and export -------------------------------------------------------------------------
     def sampling_times(self, steps: int) -> torch.Tensor:
         """The exported scheduler's times for `steps` steps (descending)."""
         return self.timeline.consistency_times(steps)
 
-    def sampling_setup(self, noise, cond, model, guidance_scale):
-        den = self.student_denoiser if model is None else self.teacher.with_model(model)
+    def default_sample_guidance(self) -> float:
+        return self.config.sample_guidance_scale or self.config.guidance_scale_min
+
+    def sampling_setup(self, noise, cond, networks, guidance_scale):
+        """The student denoiser with `networks`' weights, and its inputs (w embedded at the sampling scale)."""
+        den = self.student_denoiser if networks is None else self.teacher.with_model(networks["student"])
         w = None
         if self.config.guidance_embedding:
-            scale = guidance_scale if guidance_scale is not None else (
-                self.config.sample_guidance_scale or self.config.guidance_scale_min)
+            scale = guidance_scale if guidance_scale is not None else self.default_sample_guidance()
             w = torch.full((noise.shape[0],), float(scale))
-        return den, (self.student_cond(cond, w) if cond or w is not None else cond)
+        return den, self.student_cond(cond or {}, w, noise.shape[0])
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
-        """Multistep consistency sampling (Song et al. 2023, Algorithm 1): denoise with f, re-noise, repeat."""
-        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
-        times = self.sampling_times(steps).to(noise.device)
-        x = noise
-        for i, t in enumerate(times):
-            x0 = self.consistency_fn(den, x, t.expand(x.shape[0]), s_cond)
-            if i + 1 < len(times):
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = self.teacher.add_noise(x0, z, times[i + 1].expand(x.shape[0]))
-        return x0
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale=None):
+        """Multistep consistency sampling, as LCMScheduler."""
+        den, s_cond = self.sampling_setup(noise, cond, networks, guidance_scale)
+        return sample_consistency(ConsistencyFunction(den, self.boundary), noise, self.sampling_times(steps),
+                                  {"cond": s_cond}, generator=generator)
 
     def export_scheduler(self, steps):
         cfg = self.teacher_info.pipeline.scheduler.config
         return self.timeline.scheduler(self.scheduler_kind, cfg, self.student_denoiser.prediction_type)
+
+    def eval_guidance_scales(self):
+        return [self.default_sample_guidance()] if self.config.guidance_embedding else [None]
 
     def model_card(self):
         card = {"sampling": f"{self.sampler_name} sampling; {self.config.num_ddim_timesteps}-point skipping grid"}
@@ -438,6 +398,7 @@ class LCMDistiller(ConsistencyDistiller):
 
     config_class = LCMConfig
     paper = {"title": "Latent Consistency Models", "arxiv": "2310.04378"}
+    quickstart_config = "lcm.yaml"
 
 
 @register("tcd")
@@ -446,6 +407,7 @@ class TCDDistiller(ConsistencyDistiller):
 
     config_class = TCDConfig
     paper = {"title": "Trajectory Consistency Distillation", "arxiv": "2402.19159"}
+    quickstart_config = "tcd.yaml"
     sampler_name = "tcd"
     scheduler_kind = "tcd"
 
@@ -465,26 +427,18 @@ class TCDDistiller(ConsistencyDistiller):
         return self.timeline.tcd_times(steps)[:-1]
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale=None, gamma: float | None = None):
-        """Strategic stochastic sampling (TCD, Algorithm 4; diffusers' TCDScheduler.step)."""
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale=None,
+               gamma: float | None = None):
+        """Strategic stochastic sampling, as TCDScheduler with eta = gamma."""
         gamma = self.config.gamma if gamma is None else gamma
-        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
-        times = self.timeline.tcd_times(steps).to(noise.device)
-        x = noise
-        n = x.shape[0]
-        for i in range(steps):
-            t, t_next = times[i].expand(n), times[i + 1].expand(n)
-            s = self.timeline.tcd_s(t_next, gamma).to(x.device)
-            x_s = jump(den, x, t, s, s_cond)
-            if gamma > 0 and i + 1 < steps:
-                a_s, sig_s = den.alpha_sigma(s, x)
-                a_n, sig_n = den.alpha_sigma(t_next, x)
-                ratio = a_n / a_s
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = ratio * x_s + (sig_n ** 2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt() * z
-            else:
-                x = x_s
-        return x
+        den, s_cond = self.sampling_setup(noise, cond, networks, guidance_scale)
+        times = self.timeline.tcd_times(steps)
+        return sample_tcd(den, noise, times, {"cond": s_cond}, generator=generator,
+                          landing=self.timeline.tcd_s(times[1:], gamma), gamma=gamma)
+
+    def pipeline_kwargs(self):
+        # TCDScheduler takes gamma as eta; the flow export's sampler is fixed by its scheduler config
+        return {"eta": self.config.gamma} if isinstance(self.timeline, VPTimeline) else {}
 
     def model_card(self):
         card = super().model_card()
@@ -498,6 +452,7 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
 
     config_class = PCMConfig
     paper = {"title": "Phased Consistency Models", "arxiv": "2405.18407"}
+    quickstart_config = "pcm.yaml"
     sampler_name = "phased-ddim"
     scheduler_kind = "phased"
 
@@ -539,10 +494,10 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
         return self.timeline.phase_edges(steps)
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale=None):
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale=None):
         """One deterministic DDIM jump per phase, along the exported scheduler's `steps`-step grid."""
-        den, s_cond = self.sampling_setup(noise, cond, model, guidance_scale)
-        return solvers.sample(den, noise, self.sampling_times(steps).to(noise.device), s_cond)
+        den, s_cond = self.sampling_setup(noise, cond, networks, guidance_scale)
+        return sample_ode(den, noise, self.sampling_times(steps).to(noise.device), {"cond": s_cond})
 
     def model_card(self):
         card = super().model_card()

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from diffusers import DDIMScheduler
 
-from .. import solvers
 from ..conditioning import drop_conditions
 from ..config import check_range, option
+from ..samplers import sample_ode
 from ..schedules import sample_logit_normal, sample_training_times
 from .base import Distiller, DistillerConfig, register
 
@@ -39,10 +39,7 @@ class DiffusionTraining(Distiller):
     def __init__(self, teacher, config: DiffusionConfig):
         super().__init__(teacher, config)
         self.teacher.model.requires_grad_(True).train().float()
-
-    @property
-    def student(self):
-        return self.teacher.model
+        self.student_denoiser = self.teacher  # the network trained is the pipeline's own
 
     def frozen_modules(self):
         return [self.codec]
@@ -52,7 +49,7 @@ class DiffusionTraining(Distiller):
             return sample_logit_normal(n, device=device).clamp(1e-4, 1.0)
         return sample_training_times(self.teacher.schedule, n, device)
 
-    def loss(self, batch, step):
+    def loss(self, batch, step, network):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)
         cond = drop_conditions(cond, self.teacher.null_cond, self.config.label_dropout)
         t = self.sample_times(x0.shape[0], x0.device)
@@ -60,13 +57,17 @@ class DiffusionTraining(Distiller):
         a, s = self.teacher.alpha_sigma(t, x0)
         out = self.teacher.raw(a * x0 + s * noise, t, cond)
         target = self.teacher.training_target(x0, noise, a, s)
-        return {"student": torch.mean((out - target) ** 2)}
+        return {"loss": torch.mean((out - target) ** 2)}
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None):
-        den = self.teacher.with_model(model) if model is not None else self.teacher
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale=None):
+        den = self.teacher.with_model(networks["student"]) if networks is not None else self.teacher
         grid = self.teacher.schedule.sampling_grid(steps, "trailing")
-        return solvers.sample(den, noise, grid, cond, guidance=self.config.sample_guidance, clip_x0=1.0)
+        w = self.config.sample_guidance if guidance_scale is None else guidance_scale
+        return sample_ode(den, noise, grid, {"cond": cond, "guidance": w}, clip_x0=1.0)
+
+    def eval_guidance_scales(self):
+        return [self.config.sample_guidance]
 
     def export_scheduler(self, steps):
         cfg = self.teacher_info.pipeline.scheduler.config

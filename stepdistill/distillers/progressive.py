@@ -36,12 +36,13 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from .. import solvers
-from ..conditioning import guidance_embedding
 from ..config import check_range, option
 from ..errors import ConfigError
+from ..guidance import check_guidance_range, draw_scales, guidance_input, require_null_condition
+from ..samplers import sample_ode
 from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule, sample_training_times
 from .base import Distiller, DistillerConfig, register
-from .consistency import copy_student
+from .common import copy_student
 
 # the student's head when prediction_type = auto: well-posed at SNR 0 (v; for flow models their velocity)
 AUTO_PREDICTION = {VPSchedule: "v_prediction", FlowSchedule: "flow"}
@@ -92,48 +93,6 @@ def step_grids(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, torch
     return grid, mid
 
 
-def with_guidance_input(cond: dict, w: torch.Tensor | None, dim: int, n: int, device) -> dict:
-    """Condition dict plus the guidance-scale embedding of w - 1 as `timestep_cond` (w=None: scale 1)."""
-    w = torch.ones(n) if w is None else w
-    return {**cond, "timestep_cond": guidance_embedding(w.detach().cpu() - 1.0, dim).to(device)}
-
-
-def embedded_guidance_dim(model) -> int | None:
-    """The size of a network's guidance-scale input (time_cond_proj_dim), or None if it has none."""
-    return getattr(model, "config", {}).get("time_cond_proj_dim")
-
-
-class ClassifierFreeGuidance:
-    """A network without a scale input: guidance mixes its conditional and null predictions (two passes)."""
-
-    dim = None
-
-    def predict(self, denoiser, x, t, cond, w):
-        return denoiser.predict(x, t, cond, guidance=w)  # w=None: the conditional prediction alone
-
-    def student_cond(self, cond, w, n, device):
-        return cond
-
-
-class EmbeddedGuidance:
-    """A guidance-distilled network: w enters as the `timestep_cond` embedding (one pass)."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-
-    def predict(self, denoiser, x, t, cond, w):
-        return denoiser.predict(x, t, with_guidance_input(cond, w, self.dim, x.shape[0], x.device))
-
-    def student_cond(self, cond, w, n, device):
-        return with_guidance_input(cond, w, self.dim, n, device)
-
-
-def guidance_input(model):
-    """How `model` is given the guidance scale, chosen once from its config so losses never branch on it."""
-    dim = embedded_guidance_dim(model)
-    return ClassifierFreeGuidance() if dim is None else EmbeddedGuidance(dim)
-
-
 def data_clip(teacher_info) -> float | None:
     """x0 clipping to the data range where the teacher's scheduler clips (pixel teachers; never latents)."""
     cfg = teacher_info.pipeline.scheduler.config
@@ -174,10 +133,29 @@ def sampler_clip(scheduler) -> float | None:
     return float(cfg.get("clip_sample_range", 1.0)) if isinstance(scheduler, DDIMScheduler) and cfg.get("clip_sample") else None
 
 
-def _check_guidance_range(prefix: str, lo: float, hi: float) -> None:
-    check_range(f"{prefix}.guidance_scale_min", lo, 0)
-    if hi < lo:
-        raise ConfigError(f"{prefix}.guidance_scale_max = {hi} is below {prefix}.guidance_scale_min = {lo}")
+def student_prediction(schedule: NoiseSchedule, wanted: str) -> str:
+    """The student head: `wanted`, or for auto v (VP) / the velocity (flow); refused where it cannot be exported."""
+    kind = AUTO_PREDICTION[type(schedule)] if wanted == "auto" else wanted
+    if kind not in EXPORTABLE[type(schedule)]:
+        raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
+                          f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+    return kind
+
+
+def sample_grid_ddim(distiller, noise, cond, steps, networks, guidance_scale):
+    """Deterministic DDIM on the student's `steps`-point grid, as its exported scheduler samples it (x0 clipped
+    where that clips), with w as the student takes it: embedded, or classifier-free guidance when given."""
+    den = distiller.student_denoiser
+    if networks is not None:
+        den = distiller.teacher.with_model(networks["student"], den.prediction_type)
+    if distiller.guided.dim is None:
+        extra = {"cond": cond or {}, "guidance": guidance_scale}
+    else:
+        n = noise.shape[0]
+        w = torch.full((n,), guidance_scale if guidance_scale is not None else distiller.default_guidance())
+        extra = {"cond": distiller.guided.condition(cond or {}, w, n, noise.device)}
+    return sample_ode(den, noise, student_grid(distiller.teacher.schedule, steps), extra,
+                      clip_x0=sampler_clip(distiller.export_scheduler(steps)))
 
 
 # ----------------------------------------------------------------------------- progressive distillation
@@ -210,7 +188,7 @@ class ProgressiveConfig(DistillerConfig):
             raise ConfigError(f"distill.start_steps / distill.end_steps = {self.start_steps} / {self.end_steps} must be "
                               "a power of two (each round halves the steps)")
         check_range("distill.round", self.round, 0, self.num_rounds)
-        _check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
+        check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
 
     @property
     def num_rounds(self) -> int:
@@ -226,6 +204,8 @@ class ProgressiveDistiller(Distiller):
 
     config_class = ProgressiveConfig
     paper = {"title": "Progressive Distillation for Fast Sampling of Diffusion Models", "arxiv": "2202.00512"}
+    family = "progressive"
+    quickstart_config = "progressive.yaml"
     sampler_name = "ddim"
 
     def __init__(self, teacher, config: ProgressiveConfig):
@@ -234,27 +214,19 @@ class ProgressiveDistiller(Distiller):
             raise ConfigError("distill.round = 0 stands for all rounds, which are separate runs: start them with "
                               "`stepdistill train` (or runner.run_stages), or set distill.round to one round")
         schedule = self.teacher.schedule
-        kind = AUTO_PREDICTION[type(schedule)] if config.prediction_type == "auto" else config.prediction_type
-        if kind not in EXPORTABLE[type(schedule)]:
-            raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
-                              f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+        kind = student_prediction(schedule, config.prediction_type)
         self.student_denoiser = self.teacher.with_model(copy_student(self.teacher.model), kind)
         self.guided = guidance_input(self.teacher.model)  # the student inherits the teacher's inputs
         if self.guided.dim is None and config.guidance_scale_min != config.guidance_scale_max:
             raise ConfigError("a range of guidance scales needs a student that takes the scale as input: distil the "
                               "teacher with method 'guidance' first (stage one), or set guidance_scale_max = _min")
+        if self.guided.dim is None:
+            require_null_condition(self.teacher, config.guidance_scale_min, config.guidance_scale_max)
         self.steps = config.student_steps(config.round)
         self.grid, self.mid = step_grids(schedule, self.steps)
 
-    @property
-    def student(self):
-        return self.student_denoiser.model
-
     def draw_guidance(self, n: int, device) -> torch.Tensor | None:
-        lo, hi = self.config.guidance_scale_min, self.config.guidance_scale_max
-        if lo == hi == 1.0 and self.guided.dim is None:
-            return None  # unguided teacher: one pass
-        return lo + (hi - lo) * torch.rand(n, device=device)
+        return draw_scales(self.config.guidance_scale_min, self.config.guidance_scale_max, n, device)
 
     @torch.no_grad()
     def teacher_two_steps(self, z_t, t, t_mid, t_next, cond, w):
@@ -263,7 +235,7 @@ class ProgressiveDistiller(Distiller):
         z_mid = solvers.ddim_step(den, z_t, t, t_mid, pred=self.guided.predict(den, z_t, t, cond, w))
         return solvers.ddim_step(den, z_mid, t_mid, t_next, pred=self.guided.predict(den, z_mid, t_mid, cond, w))
 
-    def loss(self, batch, step):
+    def loss(self, batch, step, network):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)
         n = x0.shape[0]
         i = torch.randint(0, self.steps, (n,), device=x0.device)
@@ -275,23 +247,17 @@ class ProgressiveDistiller(Distiller):
         a, s = self.teacher.alpha_sigma(t, x0)
         a_next, s_next = self.teacher.alpha_sigma(t_next, x0)
         x_tilde = ddim_target(z_t, z_next, a, s, a_next, s_next)
-        s_cond = self.guided.student_cond(cond, w, n, x0.device)
-        x_hat = self.student_denoiser.x0(z_t, t, s_cond)
-        return {"student": weighted_mse(x_hat, x_tilde, loss_weight(a, s, self.config.weighting))}
+        x_hat = self.student_denoiser.x0(z_t, t, self.guided.condition(cond, w, n, x0.device))
+        return {"loss": weighted_mse(x_hat, x_tilde, loss_weight(a, s, self.config.weighting))}
 
     # -- sampling and export -------------------------------------------------------------------
     def default_guidance(self) -> float:
         return self.config.guidance_scale_min
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale: float | None = None):
         """Deterministic DDIM on the student's own `steps`-point grid (the round's N, or any other), as exported."""
-        den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
-        n = noise.shape[0]
-        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.default_guidance())
-        s_cond = self.guided.student_cond(cond or {}, w, n, noise.device)
-        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps), s_cond,
-                              clip_x0=sampler_clip(self.export_scheduler(steps)))
+        return sample_grid_ddim(self, noise, cond, steps, networks, guidance_scale)
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)
@@ -347,7 +313,7 @@ class GuidanceConfig(DistillerConfig):
     progressive_learning_rate: float = option(0.0, "stage two: learning rate (0: train.learning_rate)")
 
     def __post_init__(self):
-        _check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
+        check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
         check_range("distill.guidance_embedding_dim", self.guidance_embedding_dim, 2)
         check_range("distill.progressive_start_steps", self.progressive_start_steps, 0)
         check_range("distill.progressive_max_steps", self.progressive_max_steps, 0)
@@ -368,6 +334,8 @@ class GuidanceDistiller(Distiller):
 
     config_class = GuidanceConfig
     paper = {"title": "On Distillation of Guided Diffusion Models", "arxiv": "2210.03142"}
+    family = "progressive"
+    quickstart_config = "guidance.yaml"
     sampler_name = "ddim"
 
     def __init__(self, teacher, config: GuidanceConfig):
@@ -375,41 +343,31 @@ class GuidanceDistiller(Distiller):
         if self.teacher.null_cond is None:
             raise ConfigError("guidance distillation needs a conditional teacher with a null condition "
                               "(classifier-free guidance); this teacher has none")
-        schedule = self.teacher.schedule
-        kind = AUTO_PREDICTION[type(schedule)] if config.prediction_type == "auto" else config.prediction_type
-        if kind not in EXPORTABLE[type(schedule)]:
-            raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
-                              f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+        kind = student_prediction(self.teacher.schedule, config.prediction_type)
         student = copy_student(self.teacher.model, time_cond_proj_dim=config.guidance_embedding_dim)
         self.student_denoiser = self.teacher.with_model(student, kind)
         self.guided = guidance_input(student)
 
-    @property
-    def student(self):
-        return self.student_denoiser.model
-
-    def loss(self, batch, step):
+    def loss(self, batch, step, network):
         x0, cond = self.teacher_info.encode_batch(batch, self.device)
         n = x0.shape[0]
         t = sample_training_times(self.teacher.schedule, n, x0.device)
         z_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
         lo, hi = self.config.guidance_scale_min, self.config.guidance_scale_max
-        w = lo + (hi - lo) * torch.rand(n, device=x0.device)
+        w = lo + (hi - lo) * torch.rand(n, device=x0.device)  # drawn even when lo = hi = 1: the student sees w
         with torch.no_grad():
             target = self.teacher.x0(z_t, t, cond, guidance=w)
-        x_hat = self.student_denoiser.x0(z_t, t, self.guided.student_cond(cond, w, n, x0.device))
+        x_hat = self.student_denoiser.x0(z_t, t, self.guided.condition(cond, w, n, x0.device))
         a, s = self.teacher.alpha_sigma(t, x0)
-        return {"student": weighted_mse(x_hat, target, loss_weight(a, s, self.config.weighting))}
+        return {"loss": weighted_mse(x_hat, target, loss_weight(a, s, self.config.weighting))}
+
+    def default_guidance(self) -> float:
+        return self.config.guidance_scale_min
 
     @torch.no_grad()
-    def sample(self, noise, cond, steps, generator=None, model=None, guidance_scale: float | None = None):
+    def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale: float | None = None):
         """Deterministic DDIM (trailing grid) with w embedded, as exported: one network pass per step."""
-        den = self.student_denoiser if model is None else self.teacher.with_model(model, self.student_denoiser.prediction_type)
-        n = noise.shape[0]
-        w = torch.full((n,), guidance_scale if guidance_scale is not None else self.config.guidance_scale_min)
-        return solvers.sample(den, noise, student_grid(self.teacher.schedule, steps),
-                              self.guided.student_cond(cond or {}, w, n, noise.device),
-                              clip_x0=sampler_clip(self.export_scheduler(steps)))
+        return sample_grid_ddim(self, noise, cond, steps, networks, guidance_scale)
 
     def export_scheduler(self, steps):
         return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps)

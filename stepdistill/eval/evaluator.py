@@ -1,4 +1,6 @@
-"""FID during training: `make_evaluator(cfg)` gives the trainer's `evaluator(distiller, model, step) -> dict` hook.
+"""FID during training: `make_evaluator(cfg)` gives the trainer's `evaluator(distiller, networks, step) -> dict` hook.
+
+Samples come from the student pipeline the distiller builds from the given networks (what an export would hold).
 
 Every evaluation draws the same noise and labels (seeded per sample, apart from the training RNG), so the
 logged curve moves only with the weights. The reference is the run's own data: the embedded digits with
@@ -36,13 +38,15 @@ def make_evaluator(cfg: RunConfig, batch_size: int = 250):
     steps = list(cfg.eval.steps or cfg.export.steps)
     state = {}
 
-    def evaluator(distiller, model, step) -> dict:
+    def evaluator(distiller, networks, step) -> dict:
         device = torch.device(distiller.device)
         # building the extractor initialises layers and sampling draws noise: none of it may move the training RNG
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return measure(distiller, model, device)
+            return measure(distiller, networks, device)
 
-    def measure(distiller, model, device) -> dict:
+    def measure(distiller, networks, device) -> dict:
+        from ..sampling import pipeline_images
+
         if "ref" not in state:
             state["extractor"] = create_extractor(name, weights, device)
             state["ref"] = cached_statistics(source, state["extractor"], batch_size, progress=False)
@@ -52,14 +56,16 @@ def make_evaluator(cfg: RunConfig, batch_size: int = 250):
                               "on the exported student")
         logs = {}
         for k in steps:
-            def make(start, n, generators, k=k):
+            pipe = distiller.build_pipeline(networks, k)
+            pipe.set_progress_bar_config(disable=True)
+
+            def make(start, n, generators, pipe=pipe, k=k):
                 noise = torch.stack([torch.randn(info.sample_shape, generator=g) for g in generators]).to(device)
                 raw = info.conditioner.example_conditions(start + n)
                 raw = {key: v[start:] for key, v in raw.items()}
-                cond = info.conditioner.encode(raw, device) if raw else {}
                 gen = torch.Generator(device).manual_seed(generators[0].initial_seed())  # re-noising steps
-                x0 = distiller.sample(noise, cond, k, generator=gen, model=model)
-                return distiller.codec.decode(x0).float().cpu()
+                return pipeline_images(pipe, n, k, generator=gen, guidance=distiller.eval_guidance_scales()[0],
+                                       conditions=raw, latents=noise, **distiller.pipeline_kwargs()).float().cpu()
 
             samples = GeneratedSource(make, cfg.eval.num_samples, f"{k}-step samples", seed=cfg.seed + 4321)
             feats = extract(samples, extractor, batch_size, progress=False)["features"]

@@ -41,9 +41,10 @@ class DigitsFID:
 
 
 @torch.no_grad()
-def generate(sample_fn: Callable, num: int, shape, encode: Callable, device="cpu", batch: int = 250,
-             seed: int = 0) -> torch.Tensor:
-    """Images from `sample_fn(noise, cond, generator)`, balanced over the ten classes, same noise every call."""
+def generate(sample_fn: Callable, num: int, shape, device="cpu", batch: int = 250, seed: int = 0) -> torch.Tensor:
+    """Images from `sample_fn(noise, labels, generator)`, balanced over the ten classes, same noise every call.
+
+    `labels` are the raw class labels (as a data batch holds them); the images are in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     out = []
@@ -51,6 +52,5 @@ def generate(sample_fn: Callable, num: int, shape, encode: Callable, device="cpu
         n = min(batch, num - start)
         noise = torch.randn((n, *shape), generator=g).to(device)
         labels = torch.arange(start, start + n) % DIGITS_CLASSES
-        cond = encode({"class_labels": labels})
-        out.append(sample_fn(noise, cond, gen).cpu())
+        out.append(sample_fn(noise, labels, gen).cpu())
     return torch.cat(out)

@@ -174,7 +174,7 @@ def pipeline_source(path: str | Path, num: int, steps: int | None = None, seed: 
                     classes: list[int] | None = None, prompts_file: str | None = None, device="cpu",
                     dtype: torch.dtype | None = None, save_dir=None, label: str | None = None):
     """A pipeline directory (or hub id) sampled `num` times; returns (source, description dict)."""
-    from ..sampling import default_steps, pipeline_images, pipeline_kind
+    from ..sampling import default_steps, pipeline_conditions, pipeline_images, pipeline_kind
     from ..teacher import load_pipeline
 
     pipe = load_pipeline(str(path), torch_dtype=dtype)
@@ -203,7 +203,8 @@ def pipeline_source(path: str | Path, num: int, steps: int | None = None, seed: 
         key = h.hexdigest()
 
     def make(start, n, generators):
-        return pipeline_images(pipe, start, n, steps, generators, guidance, classes, prompts).float()
+        return pipeline_images(pipe, n, steps, generators, guidance,
+                               pipeline_conditions(pipe, start, n, classes, prompts)).float()
 
     desc = {"model": label or Path(str(path)).name, "sampler": type(pipe.scheduler).__name__, "steps": steps,
             "num_samples": num, "seed": seed}

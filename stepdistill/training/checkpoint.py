@@ -1,6 +1,7 @@
 """Training checkpoints in safetensors + JSON, written atomically.
 
-A checkpoint is a folder `step-00001000/`: trainable weights, optimizer states, EMA shadows,
+A checkpoint is a folder `step-00001000/`: trainable weights (keyed `<network>/<parameter name>`),
+optimizer states (one file per network, keyed by parameter name), EMA shadows (`<network>/<rate>/<name>`),
 each process's RNG state, and a JSON of counters and LR-scheduler state. It is written under
 a temporary name and renamed when whole, so a crash mid-save leaves the previous one intact;
 only then are checkpoints beyond the newest K deleted. Nothing is unpickled on load.
@@ -17,29 +18,38 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import StepdistillError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state dict split into tensors ('state/<param>/<name>') and a JSON-able rest."""
+def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state split into tensors ('state/<parameter name>/<name>') and a JSON-able rest.
+
+    `names` are the optimizer's parameters' names in order, so the state is keyed by name, not position."""
     sd = opt.state_dict()
     tensors, plain = {}, {}
     for idx, entry in sd["state"].items():
         for name, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state/{idx}/{name}"] = v.detach().cpu().contiguous()
+                tensors[f"state/{names[idx]}/{name}"] = v.detach().cpu().contiguous()
             else:
-                plain.setdefault(str(idx), {})[name] = v
+                plain.setdefault(names[idx], {})[name] = v
     return tensors, {"state": plain, "param_groups": sd["param_groups"]}
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, plain: dict) -> None:
+def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict, plain: dict) -> None:
+    index = {n: i for i, n in enumerate(names)}
     per_param: dict[int, dict] = {}
-    for key, t in tensors.items():
-        _, idx, name = key.split("/", 2)
-        per_param.setdefault(int(idx), {})[name] = t
-    for idx, extra in plain["state"].items():
-        per_param.setdefault(int(idx), {}).update(extra)
+    try:
+        for key, t in tensors.items():
+            _, pname, name = key.split("/", 2)
+            per_param.setdefault(index[pname], {})[name] = t
+        for pname, extra in plain["state"].items():
+            per_param.setdefault(index[pname], {}).update(extra)
+    except KeyError as e:
+        raise StepdistillError(f"the checkpoint's optimizer state names parameter {e}, which this run does not "
+                               "train: it is from another method or config") from None
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in plain["param_groups"]]
     opt.load_state_dict({"state": per_param, "param_groups": groups})
 
@@ -65,8 +75,8 @@ def write_shared(path: Path, *, weights: dict, optimizers: dict, schedulers: dic
     """The parts every process shares (written by the main process)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path / "weights.safetensors"))
     opt_plain = {}
-    for name, opt in optimizers.items():
-        tensors, plain = optimizer_state(opt)
+    for name, (opt, names) in optimizers.items():
+        tensors, plain = optimizer_state(opt, names)
         save_file(tensors, str(path / f"optimizer-{name}.safetensors"))
         opt_plain[name] = plain
     if ema:

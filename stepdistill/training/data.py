@@ -34,6 +34,8 @@ def digits_images(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
 class DigitsDataset(Dataset):
     """The embedded default: class-labelled 16x16 digits, shipped inside scikit-learn's wheel."""
 
+    has_images = True
+
     def __init__(self, size: int = DIGITS_SIZE):
         self.images, self.labels = digits_images(size)
 
@@ -65,6 +67,8 @@ def load_image(path: Path, resolution: int | None) -> torch.Tensor:
 class ImageCaptionFolder(Dataset):
     """Images with captions: metadata.jsonl ({"file_name", "text"}) or a .txt beside each image."""
 
+    has_images = True
+
     def __init__(self, root: str | Path, resolution: int):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -95,6 +99,8 @@ class ImageCaptionFolder(Dataset):
 class PromptList(Dataset):
     """One prompt per line, for data-free distillation."""
 
+    has_images = False
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
@@ -108,6 +114,24 @@ class PromptList(Dataset):
 
     def __getitem__(self, i):
         return {"prompt": self.prompts[i]}
+
+
+class ConditionsOnly(Dataset):
+    """No images: class labels in turn (class-conditional teachers) or bare indices (unconditional ones), for
+    data-free methods, which start from the teacher's own samples."""
+
+    has_images = False
+
+    def __init__(self, num_classes: int | None, size: int = 4096):
+        self.num_classes, self.size = num_classes, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if self.num_classes:
+            return {"class_labels": torch.tensor(i % self.num_classes)}
+        return {"index": torch.tensor(i)}
 
 
 def build_dataset(data_config, teacher) -> Dataset:
@@ -125,7 +149,10 @@ def build_dataset(data_config, teacher) -> Dataset:
         return ImageCaptionFolder(data_config.path, res)
     if kind == "prompts":
         return PromptList(data_config.path)
-    raise StepdistillError(f"data.dataset = {kind!r} needs images or conditions for this method")
+    if teacher is not None and teacher.conditioner.kind == "text":
+        raise StepdistillError("data.dataset = none gives no prompts to a text-to-image teacher; use "
+                               "data.dataset = prompts with data.path = a file of prompts")
+    return ConditionsOnly(getattr(teacher.conditioner, "num_classes", None) if teacher is not None else None)
 
 
 class StepBatchSampler(Sampler):

@@ -97,3 +97,36 @@ class MultiRateEMA:
         params = dict(module.named_parameters())
         for n, p in zip(self.names, self.shadow_params[name]):
             params[n].data.copy_(p.to(params[n].dtype))
+
+
+class EMASet:
+    """The EMAs of every exported network: one MultiRateEMA per network, each at its own named rates.
+
+    The run's `train.ema_decays` apply to every exported network; a method adds its own rates per
+    network (a consistency target). Shadows are looked up as `ema.module(network, rate)`."""
+
+    def __init__(self, networks: dict[str, nn.Module], rates: dict[str, dict[str, float]], backend: str = "auto",
+                 warmup: bool = False):
+        self.emas = {name: MultiRateEMA(net, rates[name], backend=backend, warmup=warmup)
+                     for name, net in networks.items() if rates.get(name)}
+
+    def __bool__(self) -> bool:
+        return bool(self.emas)
+
+    def rates(self, network: str) -> dict[str, float]:
+        return self.emas[network].rates if network in self.emas else {}
+
+    def module(self, network: str, rate: str) -> nn.Module:
+        return self.emas[network].module(rate)
+
+    def update(self) -> None:
+        for ema in self.emas.values():
+            ema.update()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{net}/{k}": v for net, ema in self.emas.items() for k, v in ema.state_dict().items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for net, ema in self.emas.items():
+            prefix = f"{net}/"
+            ema.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})

@@ -1,15 +1,19 @@
 """One training loop for every distiller, on accelerate.
 
-The trainer knows optimizer groups, precision, accumulation, clipping, EMA, checkpoints,
-trackers, progress and sample grids; it knows nothing of any method. A distiller's
-loss(batch, step) returns one loss per trainable group it wants stepped now (others are
-logged), so alternating schedules (two time-scale updates) need no trainer code.
+The trainer knows networks, optimizers, precision, accumulation, clipping, EMA, checkpoints, trackers,
+progress and sample grids; it knows nothing of any method. Each optimizer step it asks the distiller
+which trainable networks update (`update_plan`) and, for each in turn, runs forward and backward of that
+network's loss with only that network's parameters requiring gradients, clips, steps its optimizer and
+clears every network's gradients: no loss reaches a network it was not meant for. Every micro-batch of the
+step is shared by the planned networks, so the data order is a function of the step alone (exact resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,13 +23,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
-from ..errors import StepdistillError
+from ..errors import ConfigError, StepdistillError
 from . import checkpoint as ckpt
 from .data import batch_iterator
-from .ema import MultiRateEMA, ema_name
+from .ema import EMASet, ema_name
 from .grid import save_grid
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LIVE_WEIGHTS = ("live", "student")  # train.export_weights values meaning the trained weights themselves
 
 
 def make_lr_scheduler(optimizer, name: str, warmup: int, total: int):
@@ -57,23 +62,71 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@dataclass
+class GroupSettings:
+    """The optimizer settings one network trains with: its `train.groups.<name>` over the global ones."""
+
+    learning_rate: float
+    betas: tuple[float, float]
+    weight_decay: float
+    max_grad_norm: float | None
+    loss_scale: float
+
+    @classmethod
+    def resolve(cls, tc, name: str) -> "GroupSettings":
+        g = tc.groups.get(name)
+
+        def pick(key):
+            own = getattr(g, key) if g is not None else None
+            return own if own is not None else getattr(tc, key)
+
+        norm = pick("max_grad_norm")
+        return cls(pick("learning_rate"), (pick("adam_beta1"), pick("adam_beta2")), pick("weight_decay"),
+                   norm or None, g.loss_scale if g is not None else 1.0)
+
+
+def swap_module(root: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Make every reference to `old` among root's submodules point at `new` (a DDP/FSDP wrapper of it)."""
+    for module in list(root.modules()):
+        if module is new:
+            continue
+        for key, child in list(module._modules.items()):
+            if child is old:
+                module._modules[key] = new
+
+
+class LogBuffer:
+    """Per-step values kept on the device and turned into floats only when logged (no per-step host sync)."""
+
+    def __init__(self):
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, key: str, value) -> None:
+        v = value.detach().float().mean() if torch.is_tensor(value) else torch.tensor(float(value))
+        self.values.setdefault(key, []).append(v)
+
+    def pop_means(self) -> dict[str, float]:
+        out = {k: torch.stack([x.to(v[0].device) for x in v]).mean().item() for k, v in self.values.items() if v}
+        self.values = {}
+        return out
+
+
 class Trainer:
     """Runs a distiller to `train.max_steps` optimizer steps, resumably."""
 
     def __init__(self, distiller, dataset, config: RunConfig, accelerator: Accelerator | None = None,
                  evaluator: Callable | None = None):
         self.cfg = config
-        self.tc = config.train
+        self.tc = tc = config.train
         self.distiller = distiller
         self.dataset = dataset
         self.evaluator = evaluator
         self.output_dir = Path(config.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         fresh_accelerate_state()
-        report = self.tc.report_to if self.tc.report_to != "none" and _tensorboard_available() else None
+        report = tc.report_to if tc.report_to != "none" and _tensorboard_available() else None
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=self.tc.mixed_precision,
-            gradient_accumulation_steps=self.tc.gradient_accumulation_steps,
+            mixed_precision=tc.mixed_precision,
             log_with=report,
             project_dir=str(self.output_dir),
             cpu=not torch.cuda.is_available(),  # lets torchrun-started CPU processes form a gloo group
@@ -81,43 +134,67 @@ class Trainer:
         )
         acc = self.accelerator
         distiller.to(acc.device)
-        weight_dtype = DTYPES[self.tc.mixed_precision]
+        weight_dtype = DTYPES[tc.mixed_precision]
         for module in distiller.frozen_modules():
             if any(p.dtype != weight_dtype for p in module.parameters()):
                 module.to(weight_dtype)
 
-        self.groups = distiller.trainable_groups()
-        if not any(self.groups.values()):
-            raise StepdistillError(f"method {distiller.name!r} has no trainable parameters")
+        self.networks = dict(distiller.trainable_networks())  # unwrapped; the distiller may call wrappers
+        self.exported = dict(distiller.exported_networks())
+        self.params = {name: [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+                       for name, net in self.networks.items()}
+        empty = [name for name, ps in self.params.items() if not ps]
+        if not self.networks or empty:
+            raise StepdistillError(f"method {distiller.name!r} has no trainable parameters"
+                                   + (f" in {', '.join(empty)}" if empty else ""))
+        unknown = sorted(set(tc.groups) - set(self.networks))
+        if unknown:
+            raise ConfigError(f"train.groups.{unknown[0]}: {distiller.name} has no trainable network of that name; "
+                              f"its networks are {', '.join(self.networks)}")
+        self.settings = {name: GroupSettings.resolve(tc, name) for name in self.networks}
         self.optimizers = {
-            name: torch.optim.AdamW(params, lr=self.tc.learning_rate, betas=(self.tc.adam_beta1, self.tc.adam_beta2),
-                                    eps=self.tc.adam_epsilon, weight_decay=self.tc.weight_decay)
-            for name, params in self.groups.items()}
-        self.schedulers = {name: make_lr_scheduler(opt, self.tc.lr_scheduler, self.tc.lr_warmup_steps, self.tc.max_steps)
+            name: torch.optim.AdamW([p for _, p in self.params[name]], lr=s.learning_rate, betas=s.betas,
+                                    eps=tc.adam_epsilon, weight_decay=s.weight_decay)
+            for name, s in self.settings.items()}
+        self.schedulers = {name: make_lr_scheduler(opt, tc.lr_scheduler, tc.lr_warmup_steps, tc.max_steps)
                            for name, opt in self.optimizers.items()}
-        rates = {ema_name(d): d for d in self.tc.ema_decays}
-        rates.update(distiller.ema_rates())
-        self.ema = MultiRateEMA(distiller.student, rates, backend=config.kernels.ema, warmup=self.tc.ema_warmup) \
-            if rates else None
-        distiller.bind_ema(self.ema)
-        self.model = acc.prepare(distiller)
-        prepared = acc.prepare(*self.optimizers.values())
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        self.optimizers = dict(zip(self.optimizers, prepared))
+        self.ema = self._build_ema(distiller)
+        distiller.bind(self.ema, config.seed)
+        self.prepared = {}
+        for name, net in self.networks.items():  # each network is prepared (DDP, autocast) on its own
+            wrapped = acc.prepare(net)
+            if wrapped is not net:
+                swap_module(distiller, net, wrapped)
+            self.prepared[name] = wrapped
+        for name, opt in self.optimizers.items():
+            self.optimizers[name] = acc.prepare(opt)
         self.step = 0
         self.micro_step = 0
-        self.logs: dict[str, float] = {}  # the latest step's losses and metrics
+        self.logs: dict[str, float] = {}  # the latest logged losses and metrics
         torch.manual_seed(config.seed + acc.process_index)  # each process draws its own noise
+
+    def _build_ema(self, distiller) -> EMASet | None:
+        own = distiller.ema_rates()
+        stray = sorted(set(own) - set(self.exported))
+        if stray:
+            raise StepdistillError(f"{distiller.name}.ema_rates names {stray[0]!r}, which is not an exported network")
+        rates = {name: {**{ema_name(d): d for d in self.tc.ema_decays}, **own.get(name, {})} for name in self.exported}
+        ema = EMASet(self.exported, rates, backend=self.cfg.kernels.ema, warmup=self.tc.ema_warmup)
+        return ema if ema else None
 
     # -- state ----------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"{g}/{i}": p.detach() for g, params in self.groups.items() for i, p in enumerate(params)}
+        return {f"{g}/{n}": p.detach() for g, ps in self.params.items() for n, p in ps}
 
     def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.trainable_state() if k not in sd]
+        if missing:
+            raise StepdistillError(f"the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}): "
+                                   "it is from another method or config; resume from this run's own checkpoints")
         with torch.no_grad():
-            for g, params in self.groups.items():
-                for i, p in enumerate(params):
-                    p.copy_(sd[f"{g}/{i}"])
+            for g, ps in self.params.items():
+                for n, p in ps:
+                    p.copy_(sd[f"{g}/{n}"])
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -128,7 +205,8 @@ class Trainer:
         ckpt.write_rng(tmp, acc.process_index)
         if acc.is_main_process:
             ckpt.write_shared(tmp, weights=self.trainable_state(),
-                              optimizers={k: o.optimizer for k, o in self.optimizers.items()},
+                              optimizers={k: (o.optimizer, [n for n, _ in self.params[k]])
+                                          for k, o in self.optimizers.items()},
                               schedulers=self.schedulers, ema=self.ema.state_dict() if self.ema else None,
                               counters={"step": self.step, "micro_step": self.micro_step})
         acc.wait_for_everyone()
@@ -153,7 +231,7 @@ class Trainer:
         state = ckpt.read_checkpoint(path, self.accelerator.process_index)
         self.load_trainable_state(state["weights"])
         for name, (tensors, plain) in state["optimizers"].items():
-            ckpt.load_optimizer_state(self.optimizers[name].optimizer, tensors, plain)
+            ckpt.load_optimizer_state(self.optimizers[name].optimizer, [n for n, _ in self.params[name]], tensors, plain)
         for name, sd in state["schedulers"].items():
             self.schedulers[name].load_state_dict(sd)
         if self.ema is not None and state["ema"] is not None:
@@ -162,48 +240,85 @@ class Trainer:
         self.step = state["counters"]["step"]
         self.micro_step = state["counters"]["micro_step"]
 
-    # -- samples ------------------------------------------------------------------------------------
-    def export_module(self):
-        """The weights written at export: the chosen EMA shadow, or the live student."""
+    # -- exported weights and samples -----------------------------------------------------------
+    def export_networks(self) -> dict[str, torch.nn.Module]:
+        """The weights written at export, per exported network: the chosen EMA shadow, or the live network."""
         choice = self.tc.export_weights
         if choice == "auto":
-            choice = ema_name(max(self.tc.ema_decays)) if self.tc.ema_decays else "student"
-        if choice == "student":
-            return self.distiller.student
-        if self.ema is None or choice not in self.ema.rates:
-            raise StepdistillError(f"train.export_weights = {choice!r} is not kept; "
-                                   f"kept: student, {', '.join(self.ema.rates) if self.ema else '(no EMA)'}")
-        return self.ema.module(choice)
+            choice = ema_name(max(self.tc.ema_decays)) if self.tc.ema_decays else "live"
+        if choice in LIVE_WEIGHTS:
+            return dict(self.exported)
+        kept = {r for name in self.exported for r in (self.ema.rates(name) if self.ema else {})}
+        if choice not in kept:
+            raise StepdistillError(f"train.export_weights = {choice!r} is not kept; kept: live"
+                                   f"{''.join(', ' + k for k in sorted(kept)) if kept else ' (no EMA)'}")
+        return {name: self.ema.module(name, choice) for name in self.exported}
 
     def fixed_sample_inputs(self):
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
         n = self.tc.num_sample_images
         noise = torch.randn((n, *self.distiller.teacher_info.sample_shape), generator=g)
-        raw = self.distiller.teacher_info.conditioner.example_conditions(n)
-        return noise, raw
+        return noise, self.distiller.teacher_info.conditioner.example_conditions(n)
 
     @torch.no_grad()
     def sample_grid(self, path: Path, steps: int) -> Path:
+        """A PNG grid of the student pipeline (built from the export weights) on fixed noise and conditions."""
+        from ..sampling import pipeline_images
+
         d = self.distiller
         noise, raw = self.fixed_sample_inputs()
         device = self.accelerator.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            cond = d.teacher_info.conditioner.encode(raw, device) if raw else {}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(self.networks):
+            pipe = d.build_pipeline(self.export_networks(), steps)
+            pipe.set_progress_bar_config(disable=True)
             gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
-            x0 = d.sample(noise.to(device), cond, steps, generator=gen, model=self.export_module())
-            images = d.codec.decode(x0)
+            images = pipeline_images(pipe, len(noise), steps, generator=gen, guidance=d.eval_guidance_scales()[0],
+                                     conditions=raw, latents=noise.to(device), **d.pipeline_kwargs())
         return save_grid(images, path)
 
     def export(self, out_dir: Path, steps: int) -> Path:
         """Write the student (export weights) as a pipeline directory, with a sample grid at `steps`."""
         from ..export import export_student
 
-        path = export_student(self.distiller, out_dir, steps, model=self.export_module(), config=to_dict(self.cfg),
-                              lora_only=self.cfg.export.lora_only)
+        path = export_student(self.distiller, out_dir, steps, networks=self.export_networks(),
+                              config=to_dict(self.cfg), lora_only=self.cfg.export.lora_only)
         self.sample_grid(self.output_dir / "samples" / f"{out_dir.name}-{steps}step.png", steps)
         return path
 
     # -- the loop -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def only_trainable(self, name: str):
+        """Within: only network `name`'s parameters require gradients (the others' are frozen for this update)."""
+        others = [p for g, ps in self.params.items() if g != name for _, p in ps]
+        for p in others:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in others:
+                p.requires_grad_(True)
+
+    def update(self, name: str, batches: list, logs: LogBuffer) -> None:
+        """One optimizer step of network `name` over the step's micro-batches."""
+        acc, settings = self.accelerator, self.settings[name]
+        with self.only_trainable(name):
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.prepared[name])
+                with sync, acc.autocast():
+                    out = self.distiller.loss(batch, self.step, name)
+                    if "loss" not in out:
+                        raise StepdistillError(f"{self.distiller.name}.loss(network={name!r}) returned no 'loss'")
+                    acc.backward(out["loss"] * (settings.loss_scale / len(batches)))
+                for key, value in out.items():
+                    logs.add(f"loss/{name}" if key == "loss" else f"{name}/{key}", value)
+            params = [p for _, p in self.params[name]]
+            if settings.max_grad_norm is not None:
+                logs.add(f"grad_norm/{name}", acc.clip_grad_norm_(params, settings.max_grad_norm))
+            self.optimizers[name].step()
+        for opt in self.optimizers.values():  # every network's: nothing carries into another update
+            opt.zero_grad(set_to_none=True)
+
     def train(self) -> "Trainer":
         acc, tc = self.accelerator, self.tc
         resume = self.resume_path()
@@ -214,52 +329,45 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.log_with:
             acc.init_trackers("logs", config=_flatten(to_dict(self.cfg)))
+        accum = tc.gradient_accumulation_steps
         data = batch_iterator(self.dataset, tc.batch_size, self.cfg.seed, self.micro_step, acc.process_index,
                               acc.num_processes, self.cfg.data.num_workers)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.distiller.name}",
                    disable=not (tc.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
-        logs: dict[str, float] = {}
+        logs = LogBuffer()
         milestones = {at: (folder, steps) for at, folder, steps in self.distiller.milestones() if at < tc.max_steps}
-        t_last = time.perf_counter()
+        t_last, steps_since = time.perf_counter(), 0
+        self.distiller.train()
         while self.step < tc.max_steps:
-            self.model.train()
-            for _ in range(tc.gradient_accumulation_steps):
-                batch = next(data)
-                self.micro_step += 1
-                with acc.accumulate(self.model):
-                    out = self.model(batch, self.step)
-                    losses = {g: out[g] for g in self.groups if g in out}
-                    if not losses:
-                        raise StepdistillError(f"{self.distiller.name}.loss returned no loss for groups {list(self.groups)}")
-                    acc.backward(sum(losses.values()))
-                    if acc.sync_gradients and tc.max_grad_norm is not None:
-                        for g in losses:
-                            norm = acc.clip_grad_norm_(self.groups[g], tc.max_grad_norm)
-                            logs[f"grad_norm/{g}"] = float(norm)
-                    for g in losses:
-                        self.optimizers[g].step()
-                        self.optimizers[g].zero_grad(set_to_none=True)
-            for g in losses:
-                self.schedulers[g].step()
+            plan = self.distiller.update_plan(self.step)
+            stray = [name for name in plan if name not in self.networks]
+            if stray:
+                raise StepdistillError(f"{self.distiller.name}.update_plan names {stray[0]!r}, not one of its "
+                                       f"trainable networks ({', '.join(self.networks)})")
+            batches = [next(data) for _ in range(accum)]
+            self.micro_step += accum
+            for name in plan:
+                self.update(name, batches, logs)
+            for scheduler in self.schedulers.values():  # learning rates follow the optimizer step, updated or not
+                scheduler.step()
             if self.ema is not None:
                 self.ema.update()
             self.step += 1
-            for k, v in out.items():
-                logs[k if k not in self.groups else f"loss/{k}"] = float(v.detach().float().mean()) \
-                    if torch.is_tensor(v) else float(v)
-            self.logs = dict(logs)
+            steps_since += 1
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 now = time.perf_counter()
-                logs["lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
-                logs["steps_per_second"] = tc.log_every / max(now - t_last, 1e-9)
-                t_last = now
-                acc.log(logs, step=self.step)
+                self.logs = logs.pop_means()
+                self.logs["lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
+                self.logs["steps_per_second"] = steps_since / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                acc.log(self.logs, step=self.step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.logs.items() if k.startswith("loss/")})
             if tc.sample_every and self.step % tc.sample_every == 0 and acc.is_main_process:
                 self.sample_grid(self.output_dir / "samples" / f"step-{self.step:08d}.png", self.cfg.export.steps[0])
             if self.evaluator is not None and self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
-                metrics = self.evaluator(self.distiller, self.export_module(), self.step)
+                with eval_mode(self.networks):
+                    metrics = self.evaluator(self.distiller, self.export_networks(), self.step)
                 if metrics:
                     acc.log(metrics, step=self.step)
             if self.step in milestones and acc.is_main_process:  # before the checkpoint: a resumed run
@@ -272,6 +380,19 @@ class Trainer:
 
     def finish(self) -> None:
         self.accelerator.end_training()
+
+
+@contextlib.contextmanager
+def eval_mode(networks: dict):
+    """Sampling runs the networks in eval mode; training mode is restored afterwards."""
+    modes = {name: net.training for name, net in networks.items()}
+    for net in networks.values():
+        net.eval()
+    try:
+        yield
+    finally:
+        for name, net in networks.items():
+            net.train(modes[name])
 
 
 def fresh_accelerate_state() -> None:
