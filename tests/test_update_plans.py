@@ -154,3 +154,42 @@ def test_shared_generator_depends_on_seed_and_step_only(class_teacher, tmp_path)
     assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
     torch.manual_seed(123)  # the global RNG does not enter
     assert torch.equal(draw(5), draw(5))
+
+
+def test_a_group_of_two_networks_updates_together_under_one_optimizer(class_teacher, tmp_path):
+    """The critic split into a body and a head, both in group 'critic' (as DMD2's fake score and GAN head)."""
+    from torch import nn
+
+    trainer = toy_trainer(class_teacher, tmp_path, "train.max_steps=1")
+    d = trainer.distiller
+
+    class Split(type(d)):
+        def __init__(self, teacher, config):
+            super().__init__(teacher, config)
+            self.body, self.head = self.critic[:2], nn.Sequential(*self.critic[2:])
+
+        def trainable_networks(self):
+            return {"generator": self.generator, "body": self.body, "head": self.head}
+
+        def optimizer_groups(self):
+            return {"generator": ["generator"], "critic": ["body", "head"]}
+
+    from toy_distiller import NoiseImages
+    from stepdistill.training.trainer import Trainer as T
+
+    split = Split(d.teacher_info, d.config)
+    trainer = T(split, NoiseImages(d.teacher_info.sample_shape), trainer.cfg)
+    before = _state(trainer)
+    trainer.train()
+    assert set(trainer.optimizers) == {"generator", "critic"}
+    assert {k.split("/")[0] for k in trainer.trainable_state()} == {"generator", "body", "head"}
+    after = _state(trainer)
+    for net in ("body", "head"):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(net + "/"))
+
+    class Broken(Split):
+        def optimizer_groups(self):
+            return {"generator": ["generator"], "critic": ["body"]}  # head in no group
+
+    with pytest.raises(StepdistillError, match="optimizer_groups must hold each trainable network once; 'head'"):
+        T(Broken(d.teacher_info, d.config), NoiseImages(d.teacher_info.sample_shape), trainer.cfg)

@@ -1,7 +1,8 @@
 """The Distiller interface: what every method defines, and nothing about devices or checkpoints.
 
-A method names its trainable networks (`trainable_networks`), says which of them update at each optimizer
-step (`update_plan`), and gives each one's loss (`loss(batch, step, network)`). The trainer runs, per planned
+A method names its trainable networks (`trainable_networks`, grouped under optimizers by `optimizer_groups`),
+says which groups update at each optimizer step (`update_plan`), and gives each one's loss
+(`loss(batch, step, network)`). The trainer runs, per planned
 network, forward, backward, clipping and the optimizer step, and clears every network's gradients, so no
 loss reaches a network it was not meant for. What is kept as EMA and exported is `exported_networks`; the
 method builds its own pipeline from them (`build_pipeline`).
@@ -67,12 +68,19 @@ class Distiller(nn.Module):
         """The networks that train, by group name; each gets its own optimizer and `train.groups.<name>` settings."""
         return {"student": self.student}
 
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        """Networks that update together under one optimizer, by group name (default: each network alone).
+
+        A group of several networks (DMD2's fake score and its GAN head) shares one loss, optimizer and
+        `train.groups.<name>` settings; each network is still prepared for DDP on its own."""
+        return {name: [name] for name in self.trainable_networks()}
+
     def update_plan(self, step: int) -> list[str]:
-        """The trainable networks updated at optimizer step `step`, in order (default: all, every step)."""
-        return list(self.trainable_networks())
+        """The optimizer groups updated at optimizer step `step`, in order (default: all, every step)."""
+        return list(self.optimizer_groups())
 
     def loss(self, batch: dict, step: int, network: str) -> dict[str, torch.Tensor]:
-        """`network`'s loss on `batch` under key "loss" (a scalar); other entries are logged."""
+        """Group `network`'s loss on `batch` under key "loss" (a scalar); other entries are logged."""
         raise NotImplementedError
 
     def exported_networks(self) -> dict[str, nn.Module]:

@@ -43,7 +43,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], tensors: 
     per_param: dict[int, dict] = {}
     try:
         for key, t in tensors.items():
-            _, pname, name = key.split("/", 2)
+            pname, name = key.split("/", 1)[1].rsplit("/", 1)  # state/<network>/<parameter>/<name>
             per_param.setdefault(index[pname], {})[name] = t
         for pname, extra in plain["state"].items():
             per_param.setdefault(index[pname], {}).update(extra)

@@ -141,17 +141,19 @@ class Trainer:
 
         self.networks = dict(distiller.trainable_networks())  # unwrapped; the distiller may call wrappers
         self.exported = dict(distiller.exported_networks())
-        self.params = {name: [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-                       for name, net in self.networks.items()}
-        empty = [name for name, ps in self.params.items() if not ps]
+        self.groups = check_groups(distiller, self.networks)  # optimizer group -> its networks
+        # each group's parameters, named <network>/<parameter> (the checkpoint's keys)
+        self.params = {g: [(f"{net}/{n}", p) for net in nets for n, p in self.networks[net].named_parameters()
+                           if p.requires_grad] for g, nets in self.groups.items()}
+        empty = [g for g, ps in self.params.items() if not ps]
         if not self.networks or empty:
             raise StepdistillError(f"method {distiller.name!r} has no trainable parameters"
                                    + (f" in {', '.join(empty)}" if empty else ""))
-        unknown = sorted(set(tc.groups) - set(self.networks))
+        unknown = sorted(set(tc.groups) - set(self.groups))
         if unknown:
             raise ConfigError(f"train.groups.{unknown[0]}: {distiller.name} has no trainable network of that name; "
-                              f"its networks are {', '.join(self.networks)}")
-        self.settings = {name: GroupSettings.resolve(tc, name) for name in self.networks}
+                              f"its networks are {', '.join(self.groups)}")
+        self.settings = {g: GroupSettings.resolve(tc, g) for g in self.groups}
         self.optimizers = {
             name: torch.optim.AdamW([p for _, p in self.params[name]], lr=s.learning_rate, betas=s.betas,
                                     eps=tc.adam_epsilon, weight_decay=s.weight_decay)
@@ -184,7 +186,7 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"{g}/{n}": p.detach() for g, ps in self.params.items() for n, p in ps}
+        return {n: p.detach() for ps in self.params.values() for n, p in ps}
 
     def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.trainable_state() if k not in sd]
@@ -192,9 +194,9 @@ class Trainer:
             raise StepdistillError(f"the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}): "
                                    "it is from another method or config; resume from this run's own checkpoints")
         with torch.no_grad():
-            for g, ps in self.params.items():
+            for ps in self.params.values():
                 for n, p in ps:
-                    p.copy_(sd[f"{g}/{n}"])
+                    p.copy_(sd[n])
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -288,7 +290,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def only_trainable(self, name: str):
-        """Within: only network `name`'s parameters require gradients (the others' are frozen for this update)."""
+        """Within: only group `name`'s parameters require gradients (the others' are frozen for this update)."""
         others = [p for g, ps in self.params.items() if g != name for _, p in ps]
         for p in others:
             p.requires_grad_(False)
@@ -299,13 +301,15 @@ class Trainer:
                 p.requires_grad_(True)
 
     def update(self, name: str, batches: list, logs: LogBuffer) -> None:
-        """One optimizer step of network `name` over the step's micro-batches."""
+        """One optimizer step of group `name` over the step's micro-batches."""
         acc, settings = self.accelerator, self.settings[name]
         with self.only_trainable(name):
             for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                sync = contextlib.nullcontext() if last else acc.no_sync(self.prepared[name])
-                with sync, acc.autocast():
+                with contextlib.ExitStack() as stack:
+                    if i < len(batches) - 1:  # gradients are averaged across processes on the last micro-batch
+                        for net in self.groups[name]:
+                            stack.enter_context(acc.no_sync(self.prepared[net]))
+                    stack.enter_context(acc.autocast())
                     out = self.distiller.loss(batch, self.step, name)
                     if "loss" not in out:
                         raise StepdistillError(f"{self.distiller.name}.loss(network={name!r}) returned no 'loss'")
@@ -340,10 +344,10 @@ class Trainer:
         self.distiller.train()
         while self.step < tc.max_steps:
             plan = self.distiller.update_plan(self.step)
-            stray = [name for name in plan if name not in self.networks]
+            stray = [name for name in plan if name not in self.groups]
             if stray:
                 raise StepdistillError(f"{self.distiller.name}.update_plan names {stray[0]!r}, not one of its "
-                                       f"trainable networks ({', '.join(self.networks)})")
+                                       f"trainable networks ({', '.join(self.groups)})")
             batches = [next(data) for _ in range(accum)]
             self.micro_step += accum
             for name in plan:
@@ -380,6 +384,17 @@ class Trainer:
 
     def finish(self) -> None:
         self.accelerator.end_training()
+
+
+def check_groups(distiller, networks: dict) -> dict[str, list[str]]:
+    """The distiller's optimizer groups, each network in exactly one."""
+    groups = {g: list(nets) for g, nets in distiller.optimizer_groups().items()}
+    placed = [net for nets in groups.values() for net in nets]
+    wrong = sorted({n for n in placed if placed.count(n) > 1 or n not in networks} | (set(networks) - set(placed)))
+    if wrong:
+        raise StepdistillError(f"{distiller.name}.optimizer_groups must hold each trainable network once; "
+                               f"{wrong[0]!r} is not")
+    return groups
 
 
 @contextlib.contextmanager
