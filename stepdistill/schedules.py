@@ -138,12 +138,26 @@ class FlowSchedule(NoiseSchedule):
         return 0.0
 
     def sampling_grid(self, steps, spacing="trailing"):
-        # as FlowMatchEulerDiscreteScheduler: a linspace between its (already shifted) training
-        # sigmas at the two ends, shifted once more, then 0
+        """'trailing': FlowMatchEulerDiscreteScheduler.set_timesteps(steps) (the teacher's own few-step grid: a
+        linspace between its already shifted training sigmas, shifted once more; its last nonzero sigma is
+        shifted(shifted(1/T)), 0.009 at shift 3). 'shifted': shifted(k / steps), k = steps .. 0, the grid
+        students train and sample on (PCM's SD3 phase edges; Flux's pipeline default); it nests: the grid for
+        N steps is every other point of the one for 2N."""
+        if spacing == "shifted":
+            return self.shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).float()
+        if spacing != "trailing":
+            raise StepdistillError(f"unknown flow grid spacing {spacing!r}; use trailing (the teacher scheduler's) "
+                                   "or shifted (shift(k / steps))")
         T = self.num_train_timesteps
         lowest = self.shifted(torch.tensor(1.0 / T, dtype=torch.float64))
         t = torch.linspace(1.0, float(lowest), steps, dtype=torch.float64)
         return torch.cat([self.shifted(t), torch.zeros(1, dtype=torch.float64)]).float()
+
+    def unshifted(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of `shifted`: the sigmas to hand FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...),
+        which shifts what it is given."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return t / (self.shift - (self.shift - 1) * t)
 
 
 def schedule_from_scheduler_config(config) -> NoiseSchedule:

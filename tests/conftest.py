@@ -47,6 +47,14 @@ def class_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flow_class_teacher(tmp_path_factory):
+    """The tiny class-conditional teacher as a flow-matching model (shift 3)."""
+    from tiny_models import save_flow_class_teacher
+
+    return save_flow_class_teacher(tmp_path_factory.mktemp("teachers") / "flow-class")
+
+
+@pytest.fixture(scope="session")
 def uncond_teacher(tmp_path_factory):
     """A saved tiny unconditional DDPMPipeline."""
     from tiny_models import save_unconditional_teacher

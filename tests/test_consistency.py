@@ -46,6 +46,24 @@ def test_own_sampler_equals_plain_diffusers_pipeline(class_teacher, tmp_path):
     assert_pipeline_matches_own_sampler(trainer, pipe, (1, 4))
 
 
+def test_sigma_data_is_folded_into_the_exported_timestep_scaling(class_teacher, tmp_path):
+    """LCMScheduler fixes sigma_data = 0.5; the scalings depend on timestep_scaling / sigma_data alone, so a student
+    trained at sigma_data 0.25 exports timestep_scaling 20 and plain diffusers samples it as the own sampler."""
+    trainer = run(tiny_config("digits/consistency.yaml", class_teacher, tmp_path, "train.max_steps=2",
+                              "distill.sigma_data=0.25"))
+    d = trainer.distiller
+    pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "student")
+    assert pipe.scheduler.config.timestep_scaling == 20.0
+    k = torch.tensor([0, 1, 19, 499, 999])
+    ours = d.timeline.boundary(d.teacher.schedule.t_of_timestep(k))
+    theirs = pipe.scheduler.get_scalings_for_boundary_condition_discrete(k.double())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-6, rtol=1e-6)
+    lcm_default = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=10.0)
+    assert not torch.allclose(lcm_default.get_scalings_for_boundary_condition_discrete(k.double())[0], theirs[0])
+    assert_pipeline_matches_own_sampler(trainer, pipe, (1, 4))
+
+
 def test_unconditional_student_loads_in_plain_diffusers(uncond_teacher, tmp_path):
     cfg = tiny_config("digits/consistency.yaml", uncond_teacher, tmp_path, "train.max_steps=2")
     trainer = run(cfg)

@@ -138,13 +138,51 @@ def test_grids_nest_across_rounds_and_match_the_exported_schedulers(steps):
         torch.testing.assert_close(sched.t_of_timestep(prev[:-1]).float(), grid[1:-1])
 
 
-def test_flow_grid_matches_flowmatch_euler_and_mid_is_inside():
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_flow_grids_nest_across_rounds_on_shifted_k_over_k(steps):
+    """Flow rounds use shift(k / N): round r's grid is every other point of round r-1's, so the teacher (the previous
+    round's student) is queried only at its own grid points (FlowMatchEuler.set_timesteps(N) grids do not nest)."""
     sched = SCHEDULES["flow"]
-    fm = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    fm.set_timesteps(4)
-    grid, mid = step_grids(sched, 4)
-    torch.testing.assert_close(grid, fm.sigmas.float(), atol=1e-6, rtol=1e-6)
+    grid, mid = step_grids(sched, steps)
+    fine = student_grid(sched, 2 * steps)
+    torch.testing.assert_close(grid, sched.shifted(torch.linspace(1, 0, steps + 1, dtype=torch.float64)).float())
+    torch.testing.assert_close(fine[::2], grid)
+    torch.testing.assert_close(fine[1::2], mid)
     assert bool(((grid[:-1] > mid) & (mid > grid[1:])).all())
+    assert set(grid.tolist()) <= set(fine.tolist())
+    fm = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fm.set_timesteps(steps)
+    old, old_fine = fm.sigmas.clone(), (fm.set_timesteps(2 * steps), fm.sigmas)[1]
+    if steps >= 4:  # the diffusers grids the rounds used before: not nested (4 -> 8: 0.858, 0.602 are not on it)
+        assert not set(old[1:-1].tolist()) <= set(old_fine.tolist())
+
+
+def test_flow_rounds_train_and_export_on_the_nested_grid(flow_class_teacher, tmp_path):
+    """Every round of a flow teacher: its teacher's queries lie on the previous round's grid, and the export
+    (FlowGridScheduler at num_inference_steps=N) samples as the student's own Euler on its grid."""
+    from stepdistill.pipelines import FlowGridScheduler
+
+    cfg = tiny_config("digits/progressive.yaml", flow_class_teacher, tmp_path, "distill.start_steps=4",
+                      "train.max_steps=1", "train.checkpoint_every=0")
+    grids = []
+    for stage in build_stages(cfg):
+        trainer = run(stage.config)
+        d = trainer.distiller
+        grids.append(d.grid)
+        pipe = ClassConditionalPipeline.from_pretrained(Path(stage.output_dir) / "student")
+        assert isinstance(pipe.scheduler, FlowGridScheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler.set_timesteps(d.steps)
+        torch.testing.assert_close(pipe.scheduler.sigmas, d.grid, atol=1e-6, rtol=0)
+        labels = torch.tensor([0, 3, 7])
+        noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        ours = d.sample(noise, {"class_labels": labels}, d.steps, networks=trainer.export_networks())
+        theirs = pipe(class_labels=labels, num_inference_steps=d.steps, latents=noise, output_type="pt").images
+        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5, rtol=0)
+        assert "sigmas=" in (Path(stage.output_dir) / "student" / "README.md").read_text()
+    for coarse, fine in zip(grids[1:], grids):  # round r's grid is a subset of round r-1's
+        assert set(coarse.tolist()) <= set(fine.tolist())
+    assert [len(g) - 1 for g in grids] == [2, 1]
 
 
 # ----------------------------------------------------------------------------- config
@@ -174,15 +212,43 @@ def test_guidance_needs_a_null_condition(uncond_teacher, tmp_path):
 # ----------------------------------------------------------------------------- distillers
 
 
-def test_student_is_v_whatever_the_teacher_and_starts_as_the_teacher(tmp_path):
-    """An eps teacher gets a v student; the loss at init is the v/eps mismatch, not zero (it has to learn)."""
+@pytest.mark.parametrize("method", ["progressive", "guidance"])
+def test_student_of_an_eps_teacher_predicts_as_the_teacher_at_init(method, tmp_path):
+    """An eps teacher's weights are the student's start, so the student keeps eps (SNR > 0 on every grid time): its
+    x0 equals the teacher's on a batch at several t, the top of the grid included; a v head is refused."""
     from tiny_models import tiny_class_unet, vp_scheduler
 
     path = tmp_path / "eps-teacher"
-    ClassConditionalPipeline(unet=tiny_class_unet(), scheduler=vp_scheduler("epsilon"), null_class=10).save_pretrained(path)
-    _, d, _ = build(tiny_config("digits/progressive.yaml", path, tmp_path / "run", *ROUND1))
-    assert d.teacher.prediction_type == "epsilon" and d.student_denoiser.prediction_type == "v_prediction"
-    assert d.export_scheduler(8).config.prediction_type == "v_prediction"
+    ClassConditionalPipeline(unet=tiny_class_unet(), scheduler=vp_scheduler("epsilon", "scaled_linear"),
+                             null_class=10).save_pretrained(path)
+    extra = ROUND1 if method == "progressive" else ()
+    _, d, _ = build(tiny_config(f"digits/{method}.yaml", path, tmp_path / "run", *extra))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = {"class_labels": torch.tensor([0, 1, 2, 3])}
+    student_cond = d.guided.condition(cond, torch.full((4,), 1.0), 4, "cpu") if method == "guidance" else cond
+    for t in (1.0, 0.9, 0.5, 0.1, 0.01):
+        with torch.no_grad():
+            theirs = d.teacher.x0(x, torch.full((4,), t), cond)
+            ours = d.student_denoiser.x0(x, torch.full((4,), t), student_cond)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        assert theirs.abs().max() > 1  # at t = 1, x0 = 14.7 (x - eps_hat): not the 0.07 x - eps_hat of a v reading
+    assert d.export_scheduler(8).config.prediction_type == "epsilon"
+    with pytest.raises(ConfigError, match="differs from the teacher's 'epsilon'"):
+        build(tiny_config(f"digits/{method}.yaml", path, tmp_path / "run2", *extra,
+                          "distill.prediction_type=v_prediction"))
+
+
+def test_start_steps_beyond_the_teachers_timesteps_are_refused(class_teacher, tmp_path):
+    """The old default 1024 > T = 1000 gave a trailing grid with 24 zero-length steps; the default is now 512."""
+    from stepdistill.distillers.progressive import ProgressiveConfig
+
+    assert ProgressiveConfig().start_steps == 512
+    with pytest.raises(ConfigError, match="1024-step teacher grid exceeds the teacher's 1000"):
+        build(tiny_config("digits/progressive.yaml", class_teacher, tmp_path, "distill.round=1",
+                          "distill.start_steps=1024"))
+    build(tiny_config("digits/progressive.yaml", class_teacher, tmp_path, "distill.round=2", "distill.start_steps=1024"))
+    with pytest.raises(ConfigError, match="progressive_start_steps: a 2048-step"):
+        build(tiny_config("digits/guidance.yaml", class_teacher, tmp_path, "distill.progressive_start_steps=2048"))
 
 
 def test_loss_is_the_weighted_error_against_the_two_step_target(class_teacher, tmp_path):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from stepdistill.errors import StepdistillError
 from stepdistill.schedules import FlowSchedule, VPSchedule, sample_u_shaped
 
 
@@ -63,3 +64,23 @@ def test_u_shaped_samples_favour_both_ends():
     # density ∝ cosh(4 (t - 1/2)): mass in the outer fifth vs the middle fifth is about 3.6x
     assert ends > 3 * middle
     assert abs(t.mean().item() - 0.5) < 0.01
+
+
+def test_flow_student_grids_are_pcm_phase_edges_not_the_teacher_schedulers():
+    """PCM's SD3 code puts K phase edges at shift(k / K); FlowMatchEuler.set_timesteps(K) ends near 0.009 instead."""
+    fs = FlowSchedule(1000, shift=3.0)
+    torch.testing.assert_close(fs.sampling_grid(4, "shifted"), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    torch.testing.assert_close(fs.sampling_grid(2, "shifted"), torch.tensor([1.0, 0.75, 0.0]))
+    # the teacher scheduler's grids, kept for the teacher's own baseline: a 2-step one is a 1-step one plus ~identity
+    assert abs(fs.sampling_grid(2)[1].item() - 0.0089) < 1e-4
+    # nested: the grid for K steps is every other point of the one for 2K
+    for k in (1, 2, 4, 8):
+        torch.testing.assert_close(fs.sampling_grid(2 * k, "shifted")[::2], fs.sampling_grid(k, "shifted"))
+    # unshifted() gives the sigmas FlowMatchEuler.set_timesteps(sigmas=...) shifts back onto the grid
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(sigmas=fs.unshifted(fs.sampling_grid(4, "shifted")[:-1]).tolist())
+    torch.testing.assert_close(sched.sigmas.float(), fs.sampling_grid(4, "shifted"), atol=1e-6, rtol=1e-6)
+    with pytest.raises(StepdistillError, match="spacing"):
+        fs.sampling_grid(4, "leading")

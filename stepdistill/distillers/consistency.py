@@ -32,19 +32,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler, TCDScheduler
+from diffusers import LCMScheduler, TCDScheduler
 
 from .. import solvers
 from ..config import check_range, option
 from ..denoiser import Prediction
 from ..errors import ConfigError
+from ..export import grid_scheduler
 from ..guidance import check_guidance_range, draw_scales, guidance_input, require_null_condition
 from ..losses import Distance
 from ..lora import add_lora
+from ..pipelines import FlowGridScheduler
 from ..samplers import sample_consistency, sample_ode, sample_tcd
 from ..schedules import FlowSchedule, VPSchedule, _bcast
 from .base import Distiller, DistillerConfig, register
 from .common import copy_student
+
+
+BOUNDARY_DEFAULTS = {"timestep_scaling": 10.0, "sigma_data": 0.5}  # LCM's
 
 
 @dataclass
@@ -58,8 +63,11 @@ class ConsistencyConfig(DistillerConfig):
         "on the whole example (c = 0.00054 sqrt(dim)), or LPIPS (AlexNet from $STEPDISTILL_ASSETS; latents are "
         "decoded through the VAE first)")
     huber_c: float = option(0.001, "pseudo-Huber c (LCM: 0.001)")
-    timestep_scaling: float = option(10.0, "boundary scalings use timestep * scaling (LCMScheduler's timestep_scaling)")
-    sigma_data: float = option(0.5, "boundary scalings' sigma_data (LCMScheduler fixes 0.5)")
+    timestep_scaling: float | None = option(None, "boundary scalings use timestep * scaling (LCMScheduler's "
+                                                  "timestep_scaling; default 10); only cd / lcm on a VP teacher read it")
+    sigma_data: float | None = option(None, "boundary scalings' sigma_data (default 0.5); only cd / lcm on a VP teacher "
+                                            "read it; LCMScheduler fixes 0.5, so the export folds another value into "
+                                            "its timestep_scaling (the scalings depend on scaling / sigma_data only)")
     guidance_scale_min: float = option(1.0, "teacher CFG scale (diffusers convention, 1 = none) drawn per example from [min, max]")
     guidance_scale_max: float = option(1.0, "upper end of the teacher CFG range (LCM: w in [5, 15] in its own convention = 6..16 here)")
     guidance_embedding: bool = option(False, "feed the CFG scale to the student as LCM's w-embedding (timestep_cond)")
@@ -75,6 +83,9 @@ class ConsistencyConfig(DistillerConfig):
 
     def __post_init__(self):
         check_range("distill.num_ddim_timesteps", self.num_ddim_timesteps, 2, 1000)
+        for key in BOUNDARY_DEFAULTS:
+            if getattr(self, key) is not None:
+                check_range(f"distill.{key}", getattr(self, key), 0, low_open=True)
         check_range("distill.target_ema_decay", self.target_ema_decay, 0, 1)
         check_range("distill.huber_c", self.huber_c, 0, low_open=True)
         check_guidance_range("distill", self.guidance_scale_min, self.guidance_scale_max)
@@ -86,6 +97,17 @@ class ConsistencyConfig(DistillerConfig):
         if self.guidance_embedding and self.lora_rank:
             raise ConfigError("distill.guidance_embedding needs a new input layer that a LoRA (distill.lora_rank > 0) "
                               "cannot train; LCM-LoRA bakes guidance in: set guidance_embedding: false")
+
+    def boundary_value(self, key: str) -> float:
+        """timestep_scaling / sigma_data as set, else LCM's value."""
+        value = getattr(self, key)
+        return BOUNDARY_DEFAULTS[key] if value is None else value
+
+    def refuse_boundary_settings(self, why: str) -> None:
+        """timestep_scaling and sigma_data are read by LCM's boundary scalings alone; elsewhere setting them is an error."""
+        for key in BOUNDARY_DEFAULTS:
+            if getattr(self, key) is not None:
+                raise ConfigError(f"distill.{key} is not read by {why}; remove it")
 
 
 @dataclass
@@ -111,16 +133,19 @@ class TCDConfig(ConsistencyConfig):
     def __post_init__(self):
         super().__post_init__()
         check_range("distill.gamma", self.gamma, 0, 1)
+        self.refuse_boundary_settings("tcd: its map is the DDIM jump, which has no boundary scalings")
 
 
 @dataclass
 class PCMConfig(ConsistencyConfig):
     """Phased consistency (Wang et al. 2024, arXiv 2405.18407) with Hyper-SD's stage plan (arXiv 2404.13686)."""
 
-    num_phases: int = option(4, "K: ODE segments, each with its own consistency target (PCM script: --multiphase 4)")
-    stage_phases: list[int] = option([], "Hyper-SD trajectory-segmented stages: K per stage, e.g. [8, 4, 2, 1] "
-                                         "(empty: num_phases throughout)")
-    stage_steps: int = option(0, "optimizer steps per stage; the last stage runs to the end (needed with stage_phases)")
+    num_phases: int | None = option(None, "K: ODE segments, each with its own consistency target (default 4; PCM "
+                                          "script: --multiphase 4); not with stage_phases")
+    stage_phases: list[int] = option([], "Hyper-SD trajectory-segmented stages: K per stage, non-increasing, e.g. "
+                                         "[8, 4, 2, 1] (empty: num_phases throughout)")
+    stage_steps: int = option(0, "optimizer steps per stage; the last stage runs to the end (needed with two or more "
+                                 "stage_phases, refused otherwise)")
     target: Literal["ema", "online"] = option("online", "target network (PCM: the online student under stop-gradient)")
     loss: Literal["huber", "l2", "huber_ict", "lpips"] = option("huber", "distance d (PCM: huber, c = 0.001)")
     guidance_scale_min: float = option(5.0, "lowest teacher CFG scale, diffusers convention (PCM: w_min = 4, LCM form)")
@@ -128,11 +153,26 @@ class PCMConfig(ConsistencyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("distill.num_phases", self.num_phases, 1, self.num_ddim_timesteps)
+        self.refuse_boundary_settings("pcm: its map is the DDIM jump to the phase edge, which has no boundary scalings")
+        if self.num_phases is not None and self.stage_phases:
+            raise ConfigError("distill.num_phases and distill.stage_phases both set K; keep one (the stage plan's last "
+                              "K is the final student's)")
+        if self.num_phases is not None:
+            check_range("distill.num_phases", self.num_phases, 1, self.num_ddim_timesteps)
         for k in self.stage_phases:
             check_range("distill.stage_phases[]", k, 1, self.num_ddim_timesteps)
-        if self.stage_phases and self.stage_steps < 1 and len(self.stage_phases) > 1:
+        if any(b > a for a, b in zip(self.stage_phases, self.stage_phases[1:])):
+            raise ConfigError(f"distill.stage_phases = {self.stage_phases} rises; each stage keeps or lowers K "
+                              "(Hyper-SD: 8 -> 4 -> 2 -> 1)")
+        if len(self.stage_phases) > 1 and self.stage_steps < 1:
             raise ConfigError("distill.stage_phases needs distill.stage_steps >= 1 (optimizer steps per stage)")
+        if len(self.stage_phases) <= 1 and self.stage_steps:
+            raise ConfigError("distill.stage_steps is read only with two or more distill.stage_phases; remove it")
+
+    @property
+    def phases(self) -> int:
+        """K without a stage plan."""
+        return 4 if self.num_phases is None else self.num_phases
 
 
 def jump(denoiser, x, t, s, cond, pred=None):
@@ -175,8 +215,8 @@ class VPTimeline:
 
     def boundary(self, t: torch.Tensor):
         """LCM's c_skip, c_out at the network timestep (LCMScheduler.get_scalings_for_boundary_condition_discrete)."""
-        scaled = self.schedule.model_timestep(t) * self.config.timestep_scaling
-        sd2 = self.config.sigma_data ** 2
+        scaled = self.schedule.model_timestep(t) * self.config.boundary_value("timestep_scaling")
+        sd2 = self.config.boundary_value("sigma_data") ** 2
         return sd2 / (scaled ** 2 + sd2), scaled / (scaled ** 2 + sd2).sqrt()
 
     def _picks(self, steps: int) -> torch.Tensor:
@@ -199,27 +239,36 @@ class VPTimeline:
         return self.schedule.t_of_timestep(k).float()
 
     def phase_edges(self, k: int) -> torch.Tensor:
-        """DDIM 'trailing' at k steps, ending at the clean end (the export sets set_alpha_to_one)."""
+        """DDIM 'trailing' at k steps, ending at the clean end (999, 666, 332, 0 at K = 3)."""
         grid = self.schedule.sampling_grid(k, "trailing")
         return torch.cat([grid[:-1], torch.zeros(1)])
 
-    def scheduler(self, kind: str, base_config, prediction_type: str):
+    def export_timestep_scaling(self) -> float:
+        """LCMScheduler's timestep_scaling giving our scalings with its fixed sigma_data = 0.5: they depend on
+        scaling / sigma_data alone (c_skip = 1 / ((t c / sd)^2 + 1), c_out = (t c / sd) / sqrt((t c / sd)^2 + 1))."""
+        return self.config.boundary_value("timestep_scaling") * 0.5 / self.config.boundary_value("sigma_data")
+
+    def scheduler(self, kind: str, teacher_info, prediction_type: str):
+        base_config = teacher_info.pipeline.scheduler.config
         common = dict(clip_sample=False, prediction_type=prediction_type, set_alpha_to_one=True)
         if kind == "consistency":
             return LCMScheduler.from_config(base_config, original_inference_steps=self.N,
-                                            timestep_scaling=self.config.timestep_scaling, **common)
+                                            timestep_scaling=self.export_timestep_scaling(), **common)
         if kind == "tcd":
             return TCDScheduler.from_config(base_config, original_inference_steps=self.N, **common)
-        return DDIMScheduler.from_config(base_config, timestep_spacing="trailing", **common)
+        raise ConfigError(f"no VP scheduler of kind {kind!r}")  # phased: the distiller's grid scheduler
 
 
 class FlowTimeline:
     """Flow-matching teachers (SD3): the grid t_n = shift(n / N); no boundary scalings, since the flow
-    parameterization x0 = x - t u already gives f(x, 0) = x; FlowMatchEulerDiscreteScheduler samples."""
+    parameterization x0 = x - t u already gives f(x, 0) = x. Few-step sampling times and phase edges are
+    shift(k / K) (PCM's SD3 edges: 1, 0.9, 0.75, 0.5, 0 at K = 4, shift 3), which FlowGridScheduler samples."""
 
     def __init__(self, schedule: FlowSchedule, config: ConsistencyConfig):
         self.schedule, self.config = schedule, config
         self.N = config.num_ddim_timesteps
+        config.refuse_boundary_settings("a flow-matching teacher's consistency map: f(x, t) = x - t u meets the "
+                                        "boundary condition without scalings")
 
     def grid(self, idx):
         return self.schedule.shifted(idx.double() / self.N).float()
@@ -228,23 +277,27 @@ class FlowTimeline:
         t = torch.as_tensor(t).float()
         return torch.zeros_like(t), torch.ones_like(t)
 
+    def few_step_grid(self, steps):
+        return self.schedule.sampling_grid(steps, "shifted")
+
     def consistency_times(self, steps):
-        return self.schedule.sampling_grid(steps)[:-1]
+        return self.few_step_grid(steps)[:-1]
 
     def tcd_times(self, steps):
-        return self.schedule.sampling_grid(steps)
+        return self.few_step_grid(steps)
 
     def tcd_s(self, t_next, gamma):
         return (1 - gamma) * t_next
 
     def phase_edges(self, k):
-        return self.schedule.sampling_grid(k)
+        return self.few_step_grid(k)
 
-    def scheduler(self, kind: str, base_config, prediction_type: str):
-        # consistency sampling = FlowMatchEuler's stochastic_sampling (x0, then fresh noise at the next sigma);
-        # TCD with gamma = 1 is the same; TCD with gamma = 0 and PCM are the deterministic Euler step
-        stochastic = kind == "consistency" or (kind == "tcd" and self.config.gamma >= 1)
-        return FlowMatchEulerDiscreteScheduler.from_config(base_config, stochastic_sampling=stochastic)
+    def scheduler(self, kind: str, teacher_info, prediction_type: str):
+        # consistency sampling = stochastic_sampling (x0, then fresh noise at the next sigma); TCD: gamma's
+        # strategic stochastic step (gamma = 1 is consistency sampling, 0 the Euler step); PCM: the Euler step
+        gamma = self.config.gamma if kind == "tcd" else 0.0
+        return FlowGridScheduler.from_config(teacher_info.pipeline.scheduler.config,
+                                             stochastic_sampling=kind == "consistency", gamma=gamma)
 
 
 TIMELINES = {VPSchedule: VPTimeline, FlowSchedule: FlowTimeline}
@@ -372,8 +425,7 @@ class ConsistencyDistiller(Distiller):
                                   {"cond": s_cond}, generator=generator)
 
     def export_scheduler(self, steps):
-        cfg = self.teacher_info.pipeline.scheduler.config
-        return self.timeline.scheduler(self.scheduler_kind, cfg, self.student_denoiser.prediction_type)
+        return self.timeline.scheduler(self.scheduler_kind, self.teacher_info, self.student_denoiser.prediction_type)
 
     def eval_guidance_scales(self):
         return [self.default_sample_guidance()] if self.config.guidance_embedding else [None]
@@ -442,7 +494,9 @@ class TCDDistiller(ConsistencyDistiller):
 
     def model_card(self):
         card = super().model_card()
-        card["sampling"] += f"; gamma {self.config.gamma} (TCDScheduler: pass eta={self.config.gamma} to the pipeline)"
+        how = (f"TCDScheduler: pass eta={self.config.gamma} to the pipeline" if isinstance(self.timeline, VPTimeline)
+               else "FlowGridScheduler, gamma in its config")
+        card["sampling"] += f"; gamma {self.config.gamma} ({how})"
         return card
 
 
@@ -460,7 +514,7 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
         """K in effect at optimizer step `step` (the stage plan, else num_phases)."""
         plan = self.config.stage_phases
         if not plan:
-            return self.config.num_phases
+            return self.config.phases
         return plan[min(step // max(self.config.stage_steps, 1), len(plan) - 1)]
 
     def milestones(self):
@@ -470,7 +524,7 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
 
     @property
     def final_phases(self) -> int:
-        return self.config.stage_phases[-1] if self.config.stage_phases else self.config.num_phases
+        return self.config.stage_phases[-1] if self.config.stage_phases else self.config.phases
 
     def lower_edge(self, t: torch.Tensor, k: int) -> torch.Tensor:
         """The largest phase edge strictly below t (edges: the K-step grid of the exported scheduler)."""
@@ -493,6 +547,11 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
     def sampling_times(self, steps):
         return self.timeline.phase_edges(steps)
 
+    def export_scheduler(self, steps):
+        """Lands on the trained edges: DDIM (trailing) where K divides T, else Euler (999 -> 666 -> 332 -> 0 at K = 3,
+        where DDIM would step 666 -> 333); flow teachers: FlowGridScheduler on shift(k / K). No x0 clipping."""
+        return grid_scheduler(self.teacher_info, self.student_denoiser.prediction_type, steps, clip=False)
+
     @torch.no_grad()
     def sample(self, noise, cond, steps, networks=None, generator=None, guidance_scale=None):
         """One deterministic DDIM jump per phase, along the exported scheduler's `steps`-step grid."""
@@ -501,7 +560,7 @@ class PhasedConsistencyDistiller(ConsistencyDistiller):
 
     def model_card(self):
         card = super().model_card()
-        plan = self.config.stage_phases or [self.config.num_phases]
+        plan = self.config.stage_phases or [self.config.phases]
         card["sampling"] = (f"deterministic jumps between phase edges ({type(self.export_scheduler(1)).__name__}); "
                             f"trained with K = {' -> '.join(map(str, plan))} phases; best at {self.final_phases} steps")
         return card

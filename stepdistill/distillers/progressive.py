@@ -9,8 +9,10 @@ DDIM step t -> t'' land on z_t'':
     x_tilde = (z_t'' - (s_t''/s_t) z_t) / (a_t'' - (s_t''/s_t) a_t)
     loss    = w(t) ||x_hat_student(z_t) - x_tilde||^2,   w = max(SNR_t, 1)  or  SNR_t + 1
 
-The student's head is v (or x) whatever the teacher predicts, since an eps head cannot give x at
-SNR 0 (the top of a one-step grid). One run trains one round; `stages` expands a config into
+The student starts as a copy of the teacher's weights, so it keeps the teacher's head (eps, v, x or
+the flow velocity): another head on the same weights would start far from the teacher (an SD1.5 eps
+network read as v gives x0 = 0.07 x - eps_hat at t = 1 where the teacher gives 14.7 (x - eps_hat)).
+An eps head cannot give x at SNR 0, so an eps teacher with zero terminal SNR is refused. One run trains one round; `stages` expands a config into
 rounds N0/2, N0/4, ..., each its own run in its own folder (own checkpoints, own export), whose
 exported student is the next round's teacher.
 
@@ -33,23 +35,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-
 from .. import solvers
 from ..config import check_range, option
 from ..errors import ConfigError
+from ..export import grid_scheduler, sampler_clip
 from ..guidance import check_guidance_range, draw_scales, guidance_input, require_null_condition
 from ..samplers import sample_ode
 from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule, sample_training_times
 from .base import Distiller, DistillerConfig, register
 from .common import copy_student
 
-# the student's head when prediction_type = auto: well-posed at SNR 0 (v; for flow models their velocity)
-AUTO_PREDICTION = {VPSchedule: "v_prediction", FlowSchedule: "flow"}
-EXPORTABLE = {VPSchedule: ("v_prediction", "sample"), FlowSchedule: ("flow",)}
-# pipelines whose loop feeds the scheduler's raw sample to the network (no scale_model_input /
-# init_noise_sigma), so only VP-space schedulers (DDIM) sample them correctly
-VP_SPACE_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 
 
 # ----------------------------------------------------------------------------- the math
@@ -74,7 +69,10 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
 
 
 def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-    """The student's descending times t_0 = top > ... > t_steps = 0: trailing DDIM (or flow Euler) grid, clean end."""
+    """The student's descending times t_0 = top > ... > t_steps = 0: the trailing DDIM grid ending at the clean end,
+    or a flow teacher's shift(k / steps) (FlowSchedule.sampling_grid 'shifted'); both nest across rounds."""
+    if isinstance(schedule, FlowSchedule):
+        return schedule.sampling_grid(steps, "shifted")
     grid = schedule.sampling_grid(steps, "trailing").double()
     grid[-1] = 0.0
     return grid.float()
@@ -83,63 +81,39 @@ def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
 def step_grids(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid, mid): the student's grid and the teacher's intermediate point inside each of its steps.
 
-    The trailing VP grid for N steps is every other point of the one for 2N, so mid is exactly the
-    previous round's own grid; flow grids are not nested, and there mid is the midpoint in t.
-    """
+    The grid for N steps is every other point of the one for 2N, so mid is exactly the previous round's
+    own grid: the teacher (the previous round's student) is only queried where it was trained."""
     grid = student_grid(schedule, steps)
     fine = student_grid(schedule, 2 * steps)
-    nested = torch.allclose(fine[::2], grid, atol=1e-7, rtol=0)
-    mid = fine[1::2] if nested else 0.5 * (grid[:-1] + grid[1:])
-    return grid, mid
+    if not torch.allclose(fine[::2], grid, atol=1e-7, rtol=0):
+        raise ConfigError(f"the {steps}-step student grid is not every other point of the {2 * steps}-step grid "
+                          "its teacher sampled on")
+    return grid, fine[1::2]
 
 
-def data_clip(teacher_info) -> float | None:
-    """x0 clipping to the data range where the teacher's scheduler clips (pixel teachers; never latents)."""
-    cfg = teacher_info.pipeline.scheduler.config
-    if teacher_info.codec.latent or not cfg.get("clip_sample", False):
-        return None
-    return float(cfg.get("clip_sample_range", 1.0))
+def student_prediction(teacher, wanted: str) -> str:
+    """The student head: the teacher's own (auto), so that the copied weights start as the teacher does.
 
-
-def grid_scheduler(teacher_info, prediction_type: str, steps: int):
-    """A diffusers scheduler whose `steps`-step loop is exactly DDIM on `student_grid(steps)`.
-
-    DDIMScheduler (trailing) steps by T // N, which lands on the next grid point only when N divides
-    T; otherwise EulerDiscreteScheduler (trailing, final sigma 0) does the same deterministic update in
-    sigma = s / a coordinates and lands exactly. Pipelines that skip scale_model_input (DDPMPipeline)
-    keep DDIM, which is then within one training timestep of the grid. Flow teachers get flow Euler.
-    DDIM clips x0 to the data range as the teacher's scheduler does (`data_clip`); Euler cannot clip.
-    steps_offset is unused by 'trailing' spacing; it is 1 because StableDiffusionPipeline rewrites (and warns
-    about) any other value.
-    """
-    cfg = teacher_info.pipeline.scheduler.config
-    schedule = teacher_info.denoiser.schedule
-    if isinstance(schedule, FlowSchedule):
-        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
-    exact_ddim = schedule.num_train_timesteps % steps == 0
-    if exact_ddim or teacher_info.pipeline_class in VP_SPACE_PIPELINES:
-        clip = data_clip(teacher_info)
-        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
-                                         set_alpha_to_one=True, steps_offset=1, clip_sample=clip is not None,
-                                         clip_sample_range=clip or 1.0, thresholding=False)
-    return EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing", prediction_type=prediction_type,
-                                              final_sigmas_type="zero", interpolation_type="linear",
-                                              use_karras_sigmas=False, timestep_type="discrete", steps_offset=1)
-
-
-def sampler_clip(scheduler) -> float | None:
-    """The x0 clipping an exported scheduler applies, which the student's own sampler then applies too."""
-    cfg = scheduler.config
-    return float(cfg.get("clip_sample_range", 1.0)) if isinstance(scheduler, DDIMScheduler) and cfg.get("clip_sample") else None
-
-
-def student_prediction(schedule: NoiseSchedule, wanted: str) -> str:
-    """The student head: `wanted`, or for auto v (VP) / the velocity (flow); refused where it cannot be exported."""
-    kind = AUTO_PREDICTION[type(schedule)] if wanted == "auto" else wanted
-    if kind not in EXPORTABLE[type(schedule)]:
-        raise ConfigError(f"distill.prediction_type = {kind!r} does not fit a {type(schedule).__name__} teacher; "
-                          f"use one of {', '.join(EXPORTABLE[type(schedule)])} (or auto)")
+    Another head is refused, and so is eps at zero SNR (x0 = (x - s eps) / a is undefined at a = 0)."""
+    own = teacher.prediction_type
+    kind = own if wanted == "auto" else wanted
+    if kind != own:
+        raise ConfigError(f"distill.prediction_type = {kind!r} differs from the teacher's {own!r}: the student starts "
+                          f"as a copy of the teacher's weights, and those read as {kind!r} start far from the teacher; "
+                          f"use auto (keeps {own!r})")
+    if kind == "epsilon" and teacher.schedule.alpha_sigma(torch.ones(1))[0].item() < 1e-6:
+        raise ConfigError("an eps-prediction teacher with zero terminal SNR cannot give x0 at t = 1, where every "
+                          "student grid starts; distil a v-prediction teacher instead")
     return kind
+
+
+def check_teacher_steps(key: str, steps: int, schedule: NoiseSchedule) -> None:
+    """A VP teacher's trailing grid has distinct timesteps only up to T steps (beyond, some steps have length 0)."""
+    T = schedule.num_train_timesteps
+    if isinstance(schedule, VPSchedule) and steps > T:
+        raise ConfigError(f"{key}: a {steps}-step teacher grid exceeds the teacher's {T} training timesteps (its "
+                          f"trailing grid would repeat timesteps: zero-length steps); use at most {T}, a power-of-two "
+                          f"multiple of the end steps such as {1 << (T.bit_length() - 1)}")
 
 
 def sample_grid_ddim(distiller, noise, cond, steps, networks, guidance_scale):
@@ -163,14 +137,15 @@ def sample_grid_ddim(distiller, noise, cond, steps, networks, guidance_scale):
 
 @dataclass
 class ProgressiveConfig(DistillerConfig):
-    start_steps: int = option(1024, "teacher's DDIM steps at round 1; round r's student samples in start_steps / 2^r "
-                                    "(paper: 8192 CIFAR-10, 1024 ImageNet 64 / LSUN)")
+    start_steps: int = option(512, "teacher's DDIM steps at round 1; round r's student samples in start_steps / 2^r; "
+                                   "at most the teacher's T training timesteps for a VP teacher (512 for T = 1000; "
+                                   "paper: 8192 CIFAR-10, 1024 ImageNet 64 / LSUN, in continuous time)")
     end_steps: int = option(1, "steps of the last round's student (paper: 1)")
     round: int = option(0, "the round this run trains (1: start_steps -> start_steps / 2); 0: every round, each its "
                            "own run in output_dir/round-RR-Nsteps whose exported student teaches the next")
     prediction_type: Literal["auto", "v_prediction", "sample", "flow"] = option(
-        "auto", "student head: auto = v for VP teachers, the flow velocity for flow teachers; 'sample' = x "
-                "(paper: x on CIFAR-10, v or x+eps mix elsewhere; never eps, undefined at SNR 0)")
+        "auto", "student head: auto = the teacher's own (the student starts as a copy of its weights); another is "
+                "refused (paper: teachers trained in x or v; eps is undefined at SNR 0)")
     weighting: Literal["truncated_snr", "snr_plus_one"] = option(
         "truncated_snr", "w(t) on the x error: max(SNR, 1) (paper's runs) or SNR + 1 (= MSE in v)")
     guidance_scale_min: float = option(1.0, "guidance scale (diffusers convention, 1 = none) drawn per example from "
@@ -214,7 +189,7 @@ class ProgressiveDistiller(Distiller):
             raise ConfigError("distill.round = 0 stands for all rounds, which are separate runs: start them with "
                               "`stepdistill train` (or runner.run_stages), or set distill.round to one round")
         schedule = self.teacher.schedule
-        kind = student_prediction(schedule, config.prediction_type)
+        kind = student_prediction(self.teacher, config.prediction_type)
         self.student_denoiser = self.teacher.with_model(copy_student(self.teacher.model), kind)
         self.guided = guidance_input(self.teacher.model)  # the student inherits the teacher's inputs
         if self.guided.dim is None and config.guidance_scale_min != config.guidance_scale_max:
@@ -223,6 +198,7 @@ class ProgressiveDistiller(Distiller):
         if self.guided.dim is None:
             require_null_condition(self.teacher, config.guidance_scale_min, config.guidance_scale_max)
         self.steps = config.student_steps(config.round)
+        check_teacher_steps("distill.start_steps", config.student_steps(config.round - 1), schedule)
         self.grid, self.mid = step_grids(schedule, self.steps)
 
     def draw_guidance(self, n: int, device) -> torch.Tensor | None:
@@ -270,7 +246,7 @@ class ProgressiveDistiller(Distiller):
     def model_card(self):
         card = {"round": self.config.round, "student_steps": self.steps, "teacher_steps": 2 * self.steps,
                 "prediction_type": self.student_denoiser.prediction_type, "weighting": self.config.weighting,
-                "sampling": f"deterministic DDIM on the trailing {self.steps}-step grid"}
+                "sampling": f"deterministic DDIM on the {self.steps}-step student grid"}
         if self.guided.dim is not None:
             card["guidance"] = "embedded: pass guidance_scale; one network pass per step"
         return card
@@ -303,7 +279,7 @@ class GuidanceConfig(DistillerConfig):
     guidance_scale_max: float = option(5.0, "upper end (paper: w_paper = 4 on ImageNet 64 / CIFAR-10, i.e. 5 here)")
     guidance_embedding_dim: int = option(256, "size of the student's w input (time_cond_proj_dim; LCM: 256)")
     prediction_type: Literal["auto", "v_prediction", "sample", "flow"] = option(
-        "auto", "student head (auto: v for VP teachers, flow velocity for flow teachers), kept through stage two")
+        "auto", "student head: auto = the teacher's own (a copy of its weights), kept through stage two")
     weighting: Literal["truncated_snr", "snr_plus_one"] = option("truncated_snr", "w(t) on the x error")
     eval_guidance_scales: list[float] = option([1.0, 2.0, 4.0], "guidance scales the student is evaluated at")
     progressive_start_steps: int = option(0, "stage two: progressive distillation of the guided student starting "
@@ -343,7 +319,9 @@ class GuidanceDistiller(Distiller):
         if self.teacher.null_cond is None:
             raise ConfigError("guidance distillation needs a conditional teacher with a null condition "
                               "(classifier-free guidance); this teacher has none")
-        kind = student_prediction(self.teacher.schedule, config.prediction_type)
+        kind = student_prediction(self.teacher, config.prediction_type)
+        if config.progressive_start_steps:  # stage two's first teacher grid, checked before stage one trains
+            check_teacher_steps("distill.progressive_start_steps", config.progressive_start_steps, self.teacher.schedule)
         student = copy_student(self.teacher.model, time_cond_proj_dim=config.guidance_embedding_dim)
         self.student_denoiser = self.teacher.with_model(student, kind)
         self.guided = guidance_input(student)
