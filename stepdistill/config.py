@@ -108,6 +108,8 @@ class TrainConfig:
     export_weights: str = option("auto", "weights written at export: 'student', 'ema_<decay>', or auto (the slowest EMA if any)")
     checkpoint_every: int = option(500, "optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept; older ones are deleted after a new one is whole")
+    max_consecutive_nonfinite: int = option(10, "a network's update with a NaN/inf loss or gradient is skipped; "
+                                                "this many in a row stop the run (its last checkpoint is kept)")
     resume: str = option("auto", "auto: latest checkpoint in output_dir if any; none; or a checkpoint directory")
     log_every: int = option(10, "optimizer steps between tracker logs")
     sample_every: int = option(0, "optimizer steps between PNG sample grids (0: only at the end)")
@@ -121,6 +123,7 @@ class TrainConfig:
         check_range("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _check_optimizer_values("train", self)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
         for d in self.ema_decays:
             check_range("train.ema_decays[]", d, 0, 1)
 
