@@ -203,16 +203,19 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
-        if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        ckpt.write_rng(tmp, acc.process_index)
-        if acc.is_main_process:
-            ckpt.write_shared(tmp, weights=self.trainable_state(),
-                              optimizers={k: (o.optimizer, [n for n, _ in self.params[k]])
-                                          for k, o in self.optimizers.items()},
-                              schedulers=self.schedulers, ema=self.ema.state_dict() if self.ema else None,
-                              counters={"step": self.step, "micro_step": self.micro_step})
+        try:
+            if acc.is_main_process:
+                ckpt.fresh_tmp_dir(self.ckpt_root, self.step)
+            acc.wait_for_everyone()
+            ckpt.write_rng(tmp, acc.process_index)
+            if acc.is_main_process:
+                ckpt.write_shared(tmp, weights=self.trainable_state(),
+                                  optimizers={k: (o.optimizer, [n for n, _ in self.params[k]])
+                                              for k, o in self.optimizers.items()},
+                                  schedulers=self.schedulers, ema=self.ema.state_dict() if self.ema else None,
+                                  counters={"step": self.step, "micro_step": self.micro_step})
+        except OSError as e:
+            raise ckpt.write_failure(e, tmp, self.ckpt_root) from None
         acc.wait_for_everyone()
         final = self.ckpt_root / f"step-{self.step:08d}"
         if acc.is_main_process:
