@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import StepdistillError
+from ..files import sync
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -80,14 +81,6 @@ def fresh_tmp_dir(root: Path, step: int) -> Path:
     return tmp
 
 
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_tensors(tensors: dict, path: Path) -> None:
     """A safetensors file, synced to disk before the checkpoint folder is renamed into place."""
     try:
@@ -96,12 +89,12 @@ def write_tensors(tensors: dict, path: Path) -> None:
         raise OSError(e.errno, e.strerror or str(e), e.filename or str(path)) from None
     except Exception as e:  # safetensors reports I/O failures as its own error type
         raise OSError(errno.EIO, str(e), str(path)) from None
-    _sync(path)
+    sync(path)
 
 
 def write_text(text: str, path: Path) -> None:
     path.write_text(text)
-    _sync(path)
+    sync(path)
 
 
 def write_failure(error: OSError, tmp: Path, root: Path) -> StepdistillError:
@@ -144,7 +137,7 @@ def finalize(tmp: Path, root: Path, step: int, keep: int) -> Path:
     if final.exists():  # moved aside, not deleted first: a kill in between leaves one whole copy
         _discard(final)
     os.replace(tmp, final)
-    _sync(root)
+    sync(root)
     for old in list_checkpoints(root)[:-keep]:
         _discard(old)
     return final
