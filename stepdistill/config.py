@@ -324,6 +324,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error on one line: what and where (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}; fix the file's syntax"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -331,7 +338,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} should hold a mapping of config sections")
     return data

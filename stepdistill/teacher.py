@@ -65,6 +65,7 @@ def check_safetensors(path: Path) -> None:
         raise StepdistillError(
             f"{path} is not a diffusers pipeline directory (no model_index.json). "
             "Pass a directory written by pipeline.save_pretrained(...) or a hub id.")
+    model_index(path)
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         files = [f for f in sub.iterdir() if f.is_file()]
         pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
@@ -77,13 +78,34 @@ def check_safetensors(path: Path) -> None:
                 "in an environment you trust, then pass the converted directory.")
 
 
+def check_whole(path: Path) -> None:
+    """Refuse a torn or corrupt safetensors file in a pipeline directory before diffusers tries to read it."""
+    from .files import readable_safetensors
+
+    for f in sorted(path.rglob("*.safetensors")):
+        if readable_safetensors(f) is None:
+            raise StepdistillError(f"{f} is not a whole safetensors file (corrupt or cut short); copy or download "
+                                   "it again")
+
+
+def model_index(path: Path) -> dict:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StepdistillError(f"{path}/model_index.json is not valid JSON ({e}); save the pipeline again with "
+                               "save_pretrained") from None
+    if not isinstance(index, dict):
+        raise StepdistillError(f"{path}/model_index.json should hold a mapping of pipeline components")
+    return index
+
+
 def pipeline_class_for(path: Path):
     """Our own pipeline classes are found in stepdistill; everything else in diffusers."""
     from diffusers import DiffusionPipeline
 
     from . import pipelines
 
-    name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    name = model_index(path).get("_class_name", "")
     return getattr(pipelines, name, DiffusionPipeline)
 
 
@@ -115,6 +137,7 @@ def load_pipeline(source: str, torch_dtype=None):
                 f"{source} is a single file; stepdistill needs a diffusers pipeline directory "
                 "(convert single-file checkpoints with DiffusionPipeline.from_single_file(...).save_pretrained(dir)).")
         check_safetensors(path)
+        check_whole(path)
         cls = pipeline_class_for(path)
         extra = absent_components(path, cls)
     else:

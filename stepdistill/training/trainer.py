@@ -234,9 +234,21 @@ class Trainer:
             raise StepdistillError(f"train.resume = {r}: not a checkpoint folder (no state.json)")
         return path
 
+    def resume(self) -> Path | None:
+        """Load the checkpoint `train.resume` names, once (the runner calls it before writing anything)."""
+        if not hasattr(self, "_resumed"):
+            self._resumed = self.resume_path()
+            if self._resumed is not None:
+                self.load_checkpoint(self._resumed)
+                self.accelerator.print(f"resumed from {self._resumed} at step {self.step}")
+        return self._resumed
+
     def load_checkpoint(self, path: Path) -> None:
         state = ckpt.read_checkpoint(path, self.accelerator.process_index)
-        self.load_trainable_state(state["weights"])
+        try:
+            self.load_trainable_state(state["weights"])
+        except StepdistillError as e:
+            raise StepdistillError(f"{path}: {e}") from None
         for name, (tensors, plain) in state["optimizers"].items():
             ckpt.load_optimizer_state(self.optimizers[name].optimizer, [n for n, _ in self.params[name]], tensors, plain)
         for name, sd in state["schedulers"].items():
@@ -372,10 +384,7 @@ class Trainer:
 
     def train(self) -> "Trainer":
         acc, tc = self.accelerator, self.tc
-        resume = self.resume_path()
-        if resume is not None:
-            self.load_checkpoint(resume)
-            acc.print(f"resumed from {resume} at step {self.step}")
+        self.resume()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.log_with:
