@@ -174,6 +174,8 @@ class StageSpec:
 class RunConfig:
     method: str = option("cd", "distillation method, by registry name")
     teacher: str = option("samples/digits-teacher", "teacher pipeline directory or hub id (safetensors only)")
+    vae: str | None = option(None, "a VAE (AutoencoderKL folder or hub id) replacing the teacher's, e.g. "
+                                   "madebyollin/sdxl-vae-fp16-fix, which SDXL needs to run its VAE in fp16")
     output_dir: str = option("runs/default", "where checkpoints, samples, logs and the exported student go")
     seed: int = option(0, "seed of data order, noise and initialisation")
     data: DataConfig = field(default_factory=DataConfig)

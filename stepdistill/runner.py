@@ -22,7 +22,7 @@ from .training.trainer import Trainer
 def build(cfg: RunConfig):
     """Teacher, distiller and dataset for a config (seeded, so student initialisation is reproducible)."""
     torch.manual_seed(cfg.seed)
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, vae=cfg.vae)
     teacher.conditioner.prepare(cfg.data)
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
     apply_attention_backend(distiller, cfg.kernels.attention)  # teacher, student and auxiliary networks

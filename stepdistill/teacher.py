@@ -183,6 +183,39 @@ def teacher_from_pipeline(pipe, source: str = "<memory>") -> Teacher:
     return Teacher(pipe, denoiser, conditioner, codec, shape, source)
 
 
-def load_teacher(source: str, torch_dtype=None) -> Teacher:
-    """Load a teacher pipeline and wrap it; its networks are frozen."""
-    return teacher_from_pipeline(load_pipeline(source, torch_dtype), source)
+def load_teacher(source: str, torch_dtype=None, vae: str | None = None) -> Teacher:
+    """Load a teacher pipeline and wrap it; its networks are frozen. `vae` replaces the pipeline's VAE (and is
+    exported with the student), e.g. an fp16-safe one."""
+    pipe = load_pipeline(source, torch_dtype)
+    if vae is not None:
+        if getattr(pipe, "vae", None) is None:
+            raise StepdistillError(f"vae = {vae}: the teacher {source} has no VAE to replace; remove the vae key")
+        pipe.vae = load_vae(vae, torch_dtype)
+    return teacher_from_pipeline(pipe, source)
+
+
+def load_vae(source: str, torch_dtype=None):
+    """An AutoencoderKL from a folder or hub id, safetensors only."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
+        raise StepdistillError(f"vae {source!r} not found: give an AutoencoderKL folder or a hub id like 'org/name'")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise StepdistillError(f"vae = {source}: not an AutoencoderKL folder (no config.json)")
+        check_whole(path)
+    try:
+        return AutoencoderKL.from_pretrained(source, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise StepdistillError(f"could not load vae {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def frozen_dtype(module: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a frozen module runs in under mixed precision: a VAE whose config says it overflows in fp16
+    (diffusers' force_upcast, set on the stock SDXL VAE, not on madebyollin/sdxl-vae-fp16-fix) stays fp32."""
+    if weight_dtype != torch.float16:
+        return weight_dtype
+    vaes = [m for m in module.modules() if getattr(getattr(m, "config", None), "get", None) is not None
+            and m.config.get("force_upcast", False) and hasattr(m, "decode")]
+    return torch.float32 if vaes else weight_dtype

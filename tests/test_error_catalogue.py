@@ -96,6 +96,10 @@ CASES = [
          "short); copy or download it again"),
     Case("teacher-truncated", "a truncated safetensors file in the teacher", train(teacher="truncated_teacher"),
          "{truncated_teacher}/unet/diffusion_pytorch_model.safetensors is not a whole safetensors file"),
+    Case("vae-missing", "a vae that does not exist", train("vae={tmp}/no-vae", teacher="sd15_teacher"),
+         "vae '{tmp}/no-vae' not found: give an AutoencoderKL folder or a hub id like 'org/name'"),
+    Case("vae-pixel-teacher", "a vae for a teacher without one", train("vae={vae_dir}"),
+         "vae = {vae_dir}: the teacher {class_teacher} has no VAE to replace; remove the vae key"),
     # data
     Case("data-path-missing", "an image folder that does not exist",
          train("data.dataset=folder", "data.path={tmp}/nowhere", teacher="uncond_teacher"),
@@ -233,6 +237,10 @@ def inputs(tmp_path_factory, class_teacher, uncond_teacher, sd15_teacher):
     e["mode_dir"] = str(root / "mode")
     (root / "prompts.txt").write_text("\n  \n\n")
     e["empty_prompts"] = str(root / "prompts.txt")
+    from tiny_models import tiny_vae
+
+    tiny_vae().save_pretrained(root / "vae")
+    e["vae_dir"] = str(root / "vae")
     foreign = root / "foreign" / "step-00000002"
     foreign.mkdir(parents=True)
     from safetensors.torch import save_file

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
 from ..errors import ConfigError, StepdistillError
+from ..teacher import frozen_dtype
 from . import checkpoint as ckpt
 from .data import batch_iterator
 from .ema import EMASet, ema_name
@@ -136,8 +137,9 @@ class Trainer:
         distiller.to(acc.device)
         weight_dtype = DTYPES[tc.mixed_precision]
         for module in distiller.frozen_modules():
-            if any(p.dtype != weight_dtype for p in module.parameters()):
-                module.to(weight_dtype)
+            dtype = frozen_dtype(module, weight_dtype)  # an fp16-overflowing VAE (SDXL's own) stays fp32
+            if any(p.dtype != dtype for p in module.parameters()):
+                module.to(dtype)
 
         self.networks = dict(distiller.trainable_networks())  # unwrapped; the distiller may call wrappers
         self.exported = dict(distiller.exported_networks())
