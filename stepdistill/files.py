@@ -45,6 +45,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def safe_child(root: str | Path, name: str, what: str = "name") -> Path:
+    """root/name, refusing a name that would leave root (absolute, '..', empty): export writes only inside its folder."""
+    from .errors import StepdistillError
+
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise StepdistillError(f"{what} {name!r} would be written outside {root}; names must be relative and "
+                               "without '..'")
+    return Path(root) / name
+
+
 def readable_safetensors(path: str | Path) -> dict | None:
     """The metadata of a whole safetensors file ({} when it has none), or None when it is missing or torn
     (safetensors checks the header against the file's length)."""

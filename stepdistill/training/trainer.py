@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
 from ..errors import ConfigError, StepdistillError
+from ..files import safe_child
 from ..teacher import frozen_dtype
 from . import checkpoint as ckpt
 from .data import batch_iterator
@@ -435,7 +436,8 @@ class Trainer:
                 if metrics:
                     acc.log(metrics, step=self.step)
             if self.step in milestones and acc.is_main_process:  # before the checkpoint: a resumed run
-                self.export(self.output_dir / milestones[self.step][0], milestones[self.step][1])  # never skips one
+                self.export(safe_child(self.output_dir, milestones[self.step][0], "milestone folder"),  # never skips one
+                            milestones[self.step][1])
             if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.max_steps:
                 self.save_checkpoint()
         bar.close()
