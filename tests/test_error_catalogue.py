@@ -134,6 +134,15 @@ CASES = [
     Case("guidance-scale-uncond", "a guidance scale range on a teacher without a null condition",
          train("distill.guidance_scale_min=2.0", "distill.guidance_scale_max=4.0", teacher="uncond_teacher"),
          "distill.guidance_scale_min/max other than 1 need a conditional teacher with a null condition"),
+    Case("w-embedding-unet2d", "LCM's w-embedding on a teacher network without a time-condition input",
+         train(teacher="uncond_teacher", config=str(CONFIGS / "digits/lcm.yaml")),
+         "distill.guidance_embedding needs a teacher network that takes a w-embedding (time_cond_proj_dim, as "
+         "UNet2DConditionModel); UNet2DModel has none: set distill.guidance_embedding = false"),
+    Case("output-other-config", "an output folder holding a run of the same method with other settings",
+         lambda e: ["train", CD, f"teacher={e.class_teacher}", f"output_dir={e.other_cd_run}", "distill.loss=l2",
+                    *FAST],
+         "output_dir {other_cd_run} holds another run (distill.loss = 'lpips', not 'l2'); choose another "
+         "output_dir, or delete that folder to start over"),
     Case("images-data-free", "a method that trains on images with data.dataset = none",
          train("data.dataset=none", "distill.round=1", "distill.start_steps=8",
                config=str(CONFIGS / "digits/progressive.yaml")),
@@ -250,13 +259,15 @@ def inputs(tmp_path_factory, class_teacher, uncond_teacher, sd15_teacher):
     (foreign / "state.json").write_text(json.dumps({"counters": {"step": 2, "micro_step": 2}, "optimizers": {},
                                                     "schedulers": {}}))
     e["foreign_ckpt"] = str(foreign)
-    for name, ckpt in (("other_run", True), ("other_run_nockpt", False)):
+    for name, ckpt, method in (("other_run", True, "lcm"), ("other_run_nockpt", False, "lcm"),
+                               ("other_cd_run", True, "consistency")):
         run = root / name
         (run / "checkpoints" / "step-00000003").mkdir(parents=True) if ckpt else run.mkdir()
         from stepdistill.config import load_config, to_dict
         import yaml
 
-        cfg = load_config(CONFIGS / "digits/lcm.yaml", [f"teacher={class_teacher}", f"output_dir={run}"])
+        cfg = load_config(CONFIGS / f"digits/{method}.yaml", [f"teacher={class_teacher}", f"output_dir={run}",
+                                                              *(["distill.loss=lpips"] if method != "lcm" else [])])
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         e[name] = str(run)
     return e
