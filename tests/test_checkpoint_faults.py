@@ -71,3 +71,19 @@ def test_a_stale_temporary_folder_is_replaced_not_merged(class_teacher, tmp_path
     toy_trainer(class_teacher, tmp_path, "train.max_steps=1").train()
     names = {p.name for p in (root / "step-00000001").iterdir()}
     assert "optimizer-gone.safetensors" not in names and {"state.json", "weights.safetensors"} <= names
+
+
+def test_a_failed_rename_keeps_the_previous_checkpoint(class_teacher, tmp_path, monkeypatch):
+    trainer = toy_trainer(class_teacher, tmp_path, "train.max_steps=2", "train.checkpoint_every=1")
+    real = ckpt.finalize
+
+    def finalize(tmp, root, step, keep):
+        if step == 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(root / "step-00000002"))
+        return real(tmp, root, step, keep)
+
+    monkeypatch.setattr(ckpt, "finalize", finalize)
+    with pytest.raises(StepdistillError, match="could not write checkpoint step-00000002 at .*step-00000002: "
+                                               "Read-only file system; the previous checkpoint .*step-00000001 is whole"):
+        trainer.train()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]

@@ -222,7 +222,10 @@ class Trainer:
         acc.wait_for_everyone()
         final = self.ckpt_root / f"step-{self.step:08d}"
         if acc.is_main_process:
-            final = ckpt.finalize(tmp, self.ckpt_root, self.step, self.tc.keep_checkpoints)
+            try:
+                final = ckpt.finalize(tmp, self.ckpt_root, self.step, self.tc.keep_checkpoints)
+            except OSError as e:
+                raise ckpt.write_failure(e, tmp, self.ckpt_root) from None
         acc.wait_for_everyone()
         return final
 
