@@ -108,6 +108,8 @@ class TrainConfig:
     export_weights: str = option("auto", "weights written at export: 'student', 'ema_<decay>', or auto (the slowest EMA if any)")
     checkpoint_every: int = option(500, "optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept; older ones are deleted after a new one is whole")
+    max_consecutive_nonfinite: int = option(10, "a network's update with a NaN/inf loss or gradient is skipped; "
+                                                "this many in a row stop the run (its last checkpoint is kept)")
     resume: str = option("auto", "auto: latest checkpoint in output_dir if any; none; or a checkpoint directory")
     log_every: int = option(10, "optimizer steps between tracker logs")
     sample_every: int = option(0, "optimizer steps between PNG sample grids (0: only at the end)")
@@ -121,6 +123,7 @@ class TrainConfig:
         check_range("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _check_optimizer_values("train", self)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
         for d in self.ema_decays:
             check_range("train.ema_decays[]", d, 0, 1)
 
@@ -171,6 +174,8 @@ class StageSpec:
 class RunConfig:
     method: str = option("cd", "distillation method, by registry name")
     teacher: str = option("samples/digits-teacher", "teacher pipeline directory or hub id (safetensors only)")
+    vae: str | None = option(None, "a VAE (AutoencoderKL folder or hub id) replacing the teacher's, e.g. "
+                                   "madebyollin/sdxl-vae-fp16-fix, which SDXL needs to run its VAE in fp16")
     output_dir: str = option("runs/default", "where checkpoints, samples, logs and the exported student go")
     seed: int = option(0, "seed of data order, noise and initialisation")
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,6 +326,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error on one line: what and where (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}; fix the file's syntax"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -328,7 +340,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} should hold a mapping of config sections")
     return data

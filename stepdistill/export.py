@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from torch import nn
 
 from . import __version__
+from .files import safe_child
 from .lora import has_lora, merged_copy, save_lora
 from .pipelines import ClassConditionalPipeline, FlowGridScheduler
 from .schedules import FlowSchedule
@@ -157,6 +158,8 @@ def export_student(distiller, out_dir: str | Path, steps: int, networks: dict[st
     out_dir = Path(out_dir)
     teacher = distiller.teacher_info
     networks = distiller.networks_or_live(networks)
+    for name in networks:  # component folders are named after networks: none may point outside out_dir
+        safe_child(out_dir, name, "exported network")
     scheduler = distiller.export_scheduler(steps)
     student = networks.get("student")
     lora = student is not None and has_lora(student)
@@ -168,6 +171,8 @@ def export_student(distiller, out_dir: str | Path, steps: int, networks: dict[st
     else:
         dtype = next(teacher.model.parameters()).dtype
         pipe = distiller.build_pipeline({k: saveable(v, dtype) for k, v in networks.items()}, steps)
+        for name in pipe.components:
+            safe_child(out_dir, name, "pipeline component")
         pipe.save_pretrained(out_dir, safe_serialization=True)
     method_card = distiller.model_card()
     if isinstance(scheduler, FlowGridScheduler):

@@ -22,7 +22,7 @@ from .training.trainer import Trainer
 def build(cfg: RunConfig):
     """Teacher, distiller and dataset for a config (seeded, so student initialisation is reproducible)."""
     torch.manual_seed(cfg.seed)
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, vae=cfg.vae)
     teacher.conditioner.prepare(cfg.data)
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)
     apply_attention_backend(distiller, cfg.kernels.attention)  # teacher, student and auxiliary networks
@@ -39,8 +39,10 @@ def run(cfg: RunConfig, evaluator=None) -> Trainer:
         from .eval.evaluator import make_evaluator
 
         evaluator = make_evaluator(cfg)
+    check_output_dir(cfg)
     _, distiller, dataset = build(cfg)
     trainer = Trainer(distiller, dataset, cfg, evaluator=evaluator)
+    trainer.resume()  # a wrong checkpoint stops here, before anything is written
     out = Path(cfg.output_dir)
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,36 @@ def run(cfg: RunConfig, evaluator=None) -> Trainer:
             trainer.sample_grid(out / "samples" / f"student-{steps}step.png", steps)
     trainer.finish()
     return trainer
+
+
+IDENTITY = ("method", "teacher", "seed", "distill")  # what makes a run another run (not its length or logging)
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Refuse an output_dir whose config.yaml is another run's: resuming it would mix two runs' checkpoints."""
+    path = Path(cfg.output_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    new = to_dict(cfg)
+    if not isinstance(old, dict):
+        old = {}
+    if old.get("method") != cfg.method:
+        diff = f"method {old.get('method')}, not {cfg.method}"
+    else:
+        wrong = [k for k in IDENTITY if k in old and old[k] != new[k]]
+        if not wrong:
+            return
+        if wrong[0] == "distill":
+            keys = [k for k in new["distill"] if old["distill"].get(k) != new["distill"][k]]
+            diff = f"distill.{keys[0]} = {old['distill'].get(keys[0])!r}, not {new['distill'][keys[0]]!r}" if keys else "distill"
+        else:
+            diff = f"{wrong[0]} = {old[wrong[0]]!r}, not {new[wrong[0]]!r}"
+    raise ConfigError(f"output_dir {cfg.output_dir} holds another run ({diff}); choose another output_dir, "
+                      "or delete that folder to start over")
 
 
 def student_dir(cfg: RunConfig) -> Path:
@@ -73,6 +105,9 @@ def export_run(run_dir, steps: int | None = None, weights: str | None = None, ou
     run_dir = Path(run_dir)
     if steps is not None and steps < 1:
         raise StepdistillError(f"--steps {steps}: a student samples in at least 1 step")
+    if not (run_dir / "config.yaml").is_file():
+        raise StepdistillError(f"{run_dir} is not a training output folder (no config.yaml); pass the output_dir of "
+                               "a `stepdistill train` run")
     overrides = [f"output_dir={run_dir}"] + ([f"train.export_weights={weights}"] if weights else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")

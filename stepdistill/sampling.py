@@ -74,6 +74,10 @@ def sample_pipeline_grid(pipeline_dir, steps=None, num=16, out=None, seed=0, gui
     pipeline_dir = Path(pipeline_dir)
     pipe = load_pipeline(str(pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
+    if guidance is not None and guidance != 1.0 and (
+            pipeline_kind(pipe) == "unconditional" or "guidance_scale" not in inspect.signature(pipe.__call__).parameters):
+        raise StepdistillError(f"--guidance {guidance} needs a conditional pipeline with a null condition "
+                               f"(classifier-free guidance); {pipeline_dir} is {pipeline_kind(pipe)}: leave --guidance out")
     steps = steps or default_steps(pipe, pipeline_dir)
     generator = torch.Generator().manual_seed(seed)
     if classes and pipeline_kind(pipe) == "class":

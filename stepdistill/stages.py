@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .errors import ConfigError, StepdistillError
+from .files import atomic_save_file, atomic_write_text, readable_safetensors
 
 STAGE_KINDS: dict[str, Callable] = {}  # kind -> factory(base_cfg, name, output_dir, options) -> Stage
 MANIFEST = "manifest.json"
@@ -103,6 +104,12 @@ class GenerationStage(Stage):
     def shard_path(self, index: int) -> Path:
         return self.output_dir / f"shard-{index:05d}.safetensors"
 
+    def shard_whole(self, index: int) -> bool:
+        """Whether shard `index` exists whole (a torn or foreign file is made again, never read as whole)."""
+        meta = readable_safetensors(self.shard_path(index))
+        count = min(self.shard_size, self.num_items - index * self.shard_size)
+        return meta is not None and meta.get("index") == str(index) and meta.get("count") == str(count)
+
     def make_shard(self, index: int, start: int, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -119,7 +126,7 @@ class GenerationStage(Stage):
     def finished(self) -> bool:
         self.check_settings()
         m = self.manifest()
-        return m is not None and m.get("complete", False) and all(self.shard_path(i).is_file()
+        return m is not None and m.get("complete", False) and all(self.shard_whole(i)
                                                                   for i in range(self.num_shards))
 
     def run(self) -> None:
@@ -133,7 +140,7 @@ class GenerationStage(Stage):
             self._write_manifest(complete=False)
         state.wait_for_everyone()
         mine = [i for i in range(self.num_shards) if i % state.num_processes == state.process_index]
-        todo = [i for i in mine if not self.shard_path(i).is_file()]
+        todo = [i for i in mine if not self.shard_whole(i)]
         start_time, done = time.perf_counter(), 0
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{self.name} shards",
                    disable=not state.is_local_main_process, dynamic_ncols=True)
@@ -164,17 +171,7 @@ class GenerationStage(Stage):
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file under a temporary name and rename it: a reader never sees a torn shard."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_save_file(tensors, path, metadata)
 
 
 class AssemblyStage(Stage):

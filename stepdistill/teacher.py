@@ -65,6 +65,7 @@ def check_safetensors(path: Path) -> None:
         raise StepdistillError(
             f"{path} is not a diffusers pipeline directory (no model_index.json). "
             "Pass a directory written by pipeline.save_pretrained(...) or a hub id.")
+    model_index(path)
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         files = [f for f in sub.iterdir() if f.is_file()]
         pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
@@ -77,13 +78,34 @@ def check_safetensors(path: Path) -> None:
                 "in an environment you trust, then pass the converted directory.")
 
 
+def check_whole(path: Path) -> None:
+    """Refuse a torn or corrupt safetensors file in a pipeline directory before diffusers tries to read it."""
+    from .files import readable_safetensors
+
+    for f in sorted(path.rglob("*.safetensors")):
+        if readable_safetensors(f) is None:
+            raise StepdistillError(f"{f} is not a whole safetensors file (corrupt or cut short); copy or download "
+                                   "it again")
+
+
+def model_index(path: Path) -> dict:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StepdistillError(f"{path}/model_index.json is not valid JSON ({e}); save the pipeline again with "
+                               "save_pretrained") from None
+    if not isinstance(index, dict):
+        raise StepdistillError(f"{path}/model_index.json should hold a mapping of pipeline components")
+    return index
+
+
 def pipeline_class_for(path: Path):
     """Our own pipeline classes are found in stepdistill; everything else in diffusers."""
     from diffusers import DiffusionPipeline
 
     from . import pipelines
 
-    name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    name = model_index(path).get("_class_name", "")
     return getattr(pipelines, name, DiffusionPipeline)
 
 
@@ -115,6 +137,7 @@ def load_pipeline(source: str, torch_dtype=None):
                 f"{source} is a single file; stepdistill needs a diffusers pipeline directory "
                 "(convert single-file checkpoints with DiffusionPipeline.from_single_file(...).save_pretrained(dir)).")
         check_safetensors(path)
+        check_whole(path)
         cls = pipeline_class_for(path)
         extra = absent_components(path, cls)
     else:
@@ -160,6 +183,39 @@ def teacher_from_pipeline(pipe, source: str = "<memory>") -> Teacher:
     return Teacher(pipe, denoiser, conditioner, codec, shape, source)
 
 
-def load_teacher(source: str, torch_dtype=None) -> Teacher:
-    """Load a teacher pipeline and wrap it; its networks are frozen."""
-    return teacher_from_pipeline(load_pipeline(source, torch_dtype), source)
+def load_teacher(source: str, torch_dtype=None, vae: str | None = None) -> Teacher:
+    """Load a teacher pipeline and wrap it; its networks are frozen. `vae` replaces the pipeline's VAE (and is
+    exported with the student), e.g. an fp16-safe one."""
+    pipe = load_pipeline(source, torch_dtype)
+    if vae is not None:
+        if getattr(pipe, "vae", None) is None:
+            raise StepdistillError(f"vae = {vae}: the teacher {source} has no VAE to replace; remove the vae key")
+        pipe.vae = load_vae(vae, torch_dtype)
+    return teacher_from_pipeline(pipe, source)
+
+
+def load_vae(source: str, torch_dtype=None):
+    """An AutoencoderKL from a folder or hub id, safetensors only."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
+        raise StepdistillError(f"vae {source!r} not found: give an AutoencoderKL folder or a hub id like 'org/name'")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise StepdistillError(f"vae = {source}: not an AutoencoderKL folder (no config.json)")
+        check_whole(path)
+    try:
+        return AutoencoderKL.from_pretrained(source, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise StepdistillError(f"could not load vae {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def frozen_dtype(module: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a frozen module runs in under mixed precision: a VAE whose config says it overflows in fp16
+    (diffusers' force_upcast, set on the stock SDXL VAE, not on madebyollin/sdxl-vae-fp16-fix) stays fp32."""
+    if weight_dtype != torch.float16:
+        return weight_dtype
+    vaes = [m for m in module.modules() if getattr(getattr(m, "config", None), "get", None) is not None
+            and m.config.get("force_upcast", False) and hasattr(m, "decode")]
+    return torch.float32 if vaes else weight_dtype

@@ -11,8 +11,10 @@ FAST = ["train.progress_bar=false", "train.report_to=none", "train.batch_size=4"
 
 
 def tiny_config(config_file: str, teacher, output_dir, *overrides):
-    """A real config file from training_configs/, pointed at a tiny teacher, with sizes overridden."""
-    return load_config(CONFIGS / config_file, [f"teacher={teacher}", f"output_dir={output_dir}", *FAST, *overrides])
+    """A real config file from training_configs/, pointed at a tiny teacher (and its own VAE: a config's `vae` is
+    the real teacher's), with sizes overridden."""
+    return load_config(CONFIGS / config_file, [f"teacher={teacher}", "vae=null", f"output_dir={output_dir}", *FAST,
+                                               *overrides])
 
 
 def student_state(trainer):

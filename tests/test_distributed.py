@@ -34,3 +34,13 @@ def test_two_networks_each_wrapped_for_ddp_stay_in_sync_across_ranks(class_teach
     assert ranks[0]["wrapped"] == {"generator": "DistributedDataParallel", "critic": "DistributedDataParallel"}
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["draws"] == ranks[1]["draws"] and len(set(ranks[0]["draws"])) > 1
+
+
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(class_teacher, tmp_path):
+    """Rank 1 alone sees a NaN loss (its gradients finite): both ranks skip that critic update and stay in sync."""
+    import json
+
+    torchrun("ddp_toy_worker.py", class_teacher, tmp_path, "nan-on-rank-1")
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["nonfinite"] == ranks[1]["nonfinite"] == {"critic": 1}
+    assert ranks[0]["weights"] == ranks[1]["weights"]

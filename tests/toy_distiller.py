@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from stepdistill.config import RunConfig, option
 from stepdistill.distillers.base import Distiller, DistillerConfig
-from stepdistill.teacher import load_teacher
+from stepdistill.teacher import Teacher, load_teacher
 from stepdistill.training.trainer import Trainer
 
 
@@ -74,7 +74,8 @@ class NoiseImages(Dataset):
 
 
 def toy_trainer(teacher_dir, output_dir, *overrides) -> Trainer:
-    """A Trainer over the toy distiller, configured by key=value overrides of a RunConfig."""
+    """A Trainer over the toy distiller (on a teacher folder or a loaded Teacher), configured by key=value overrides
+    of a RunConfig."""
     from stepdistill.config import apply_overrides, from_dict
 
     data = apply_overrides({"output_dir": str(output_dir)}, ["train.progress_bar=false", "train.report_to=none",
@@ -82,5 +83,5 @@ def toy_trainer(teacher_dir, output_dir, *overrides) -> Trainer:
     distill = data.pop("distill", {})
     cfg = from_dict(RunConfig, data)
     cfg.distill = from_dict(ToyConfig, distill, "distill")
-    teacher = load_teacher(str(teacher_dir))
+    teacher = teacher_dir if isinstance(teacher_dir, Teacher) else load_teacher(str(teacher_dir))
     return Trainer(ToyDistiller(teacher, cfg.distill), NoiseImages(teacher.sample_shape), cfg)

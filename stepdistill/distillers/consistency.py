@@ -321,6 +321,10 @@ class ConsistencyDistiller(Distiller):
     def __init__(self, teacher, config: ConsistencyConfig):
         super().__init__(teacher, config)
         extra = {"time_cond_proj_dim": config.guidance_embedding_dim} if config.guidance_embedding else {}
+        if extra and "time_cond_proj_dim" not in self.teacher.model.config:
+            raise ConfigError(f"distill.guidance_embedding needs a teacher network that takes a w-embedding "
+                              f"(time_cond_proj_dim, as UNet2DConditionModel); {type(self.teacher.model).__name__} "
+                              "has none: set distill.guidance_embedding = false")
         student = copy_student(self.teacher.model, **extra)
         if config.lora_rank:
             student = add_lora(student, config.lora_rank, config.lora_alpha, config.lora_target_modules or None)

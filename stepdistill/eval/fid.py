@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from ..files import atomic_save_file, readable_safetensors
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, \
@@ -197,11 +197,8 @@ class Statistics:
                    "sigma": torch.from_numpy(np.ascontiguousarray(self.sigma))}
         if self.features is not None:
             tensors["features"] = self.features.contiguous()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": STATS_FORMAT, "extractor": self.extractor,
-                                               "source": self.source, "num_samples": str(self.num)})
-        os.replace(tmp, path)
-        return path
+        return atomic_save_file(tensors, path, metadata={"format": STATS_FORMAT, "extractor": self.extractor,
+                                                         "source": self.source, "num_samples": str(self.num)})
 
     @classmethod
     def load(cls, path: str | Path, features: bool = True) -> "Statistics":
@@ -239,7 +236,7 @@ def cached_statistics(source: ImageSource, extractor: Extractor, batch_size: int
         digest = hashlib.sha256(f"{key}|{extractor.key}".encode()).hexdigest()[:20]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.label)[:40]
         path = cache_dir() / "fid-stats" / f"{safe}-{extractor.name}-{digest}.safetensors"
-        if path.is_file():
+        if readable_safetensors(path) is not None:  # a torn cache file (a copy cut short) is computed again
             return Statistics.load(path)
     feats = extract(source, extractor, batch_size, progress=progress)["features"]
     stats = Statistics.from_features(feats, extractor.key, source.label)

@@ -54,7 +54,7 @@ def load_image(path: Path, resolution: int | None) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise StepdistillError(f"cannot read image {path}: {e}. Remove or replace the file and run again.") from None
+        raise image_error(path, e) from None
     if resolution is not None:
         w, h = im.size
         side = min(w, h)
@@ -62,6 +62,41 @@ def load_image(path: Path, resolution: int | None) -> torch.Tensor:
         im = im.resize((resolution, resolution), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return x.permute(2, 0, 1).contiguous()
+
+
+WIDE_MODES = {"I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer",
+              "F": "32-bit float"}
+
+
+def image_error(path: Path, e: Exception) -> StepdistillError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        what = "it is not an image file"
+    elif "truncat" in str(e).lower() or isinstance(e, SyntaxError):
+        what = f"the file is truncated or damaged ({e})"
+    else:
+        what = str(e)
+    return StepdistillError(f"cannot read image {path}: {what}. Remove or replace the file and run again.")
+
+
+def check_image(path: Path, resolution: int | None) -> None:
+    """Refuse, before training starts, a file that is no image, is torn (PIL's verify), is of a mode wider than
+    8 bits (converting it to RGB would clip), or is smaller than the training resolution (it would be upscaled)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports a short PNG chunk as SyntaxError
+        raise image_error(path, e) from None
+    if mode in WIDE_MODES:
+        raise StepdistillError(f"image {path} has mode {mode} ({WIDE_MODES[mode]}); stepdistill reads 8-bit images: "
+                               "save it as 8-bit RGB or grey and run again")
+    if resolution is not None and min(size) < resolution:
+        raise StepdistillError(f"image {path} is {size[0]}x{size[1]}, smaller than the training resolution "
+                               f"{resolution}; use larger images or set data.resolution lower")
 
 
 class ImageCaptionFolder(Dataset):
@@ -87,6 +122,8 @@ class ImageCaptionFolder(Dataset):
             raise StepdistillError(f"{len(missing)} images listed in {meta} are missing, e.g. {missing[0]}")
         if not self.items:
             raise StepdistillError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+        for path, _ in self.items:  # a bad file costs seconds now, not a crash hours into the run
+            check_image(path, resolution)
 
     def __len__(self):
         return len(self.items)

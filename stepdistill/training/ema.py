@@ -119,9 +119,11 @@ class EMASet:
     def module(self, network: str, rate: str) -> nn.Module:
         return self.emas[network].module(rate)
 
-    def update(self) -> None:
-        for ema in self.emas.values():
-            ema.update()
+    def update(self, skip=()) -> None:
+        """Update every network's EMAs but those in `skip` (networks whose optimizer step was skipped)."""
+        for name, ema in self.emas.items():
+            if name not in skip:
+                ema.update()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{net}/{k}": v for net, ema in self.emas.items() for k, v in ema.state_dict().items()}

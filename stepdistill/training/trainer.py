@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
 from ..errors import ConfigError, StepdistillError
+from ..files import safe_child
+from ..teacher import frozen_dtype
 from . import checkpoint as ckpt
 from .data import batch_iterator
 from .ema import EMASet, ema_name
@@ -136,8 +138,9 @@ class Trainer:
         distiller.to(acc.device)
         weight_dtype = DTYPES[tc.mixed_precision]
         for module in distiller.frozen_modules():
-            if any(p.dtype != weight_dtype for p in module.parameters()):
-                module.to(weight_dtype)
+            dtype = frozen_dtype(module, weight_dtype)  # an fp16-overflowing VAE (SDXL's own) stays fp32
+            if any(p.dtype != dtype for p in module.parameters()):
+                module.to(dtype)
 
         self.networks = dict(distiller.trainable_networks())  # unwrapped; the distiller may call wrappers
         self.exported = dict(distiller.exported_networks())
@@ -173,6 +176,8 @@ class Trainer:
         self.step = 0
         self.micro_step = 0
         self.logs: dict[str, float] = {}  # the latest logged losses and metrics
+        self.nonfinite: dict[str, int] = {}  # per network: updates skipped for a NaN/inf loss or gradient
+        self.nonfinite_streak: dict[str, int] = {}  # ... of them in a row, up to now
         torch.manual_seed(config.seed + acc.process_index)  # each process draws its own noise
 
     def _build_ema(self, distiller) -> EMASet | None:
@@ -201,20 +206,26 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
-        if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        ckpt.write_rng(tmp, acc.process_index)
-        if acc.is_main_process:
-            ckpt.write_shared(tmp, weights=self.trainable_state(),
-                              optimizers={k: (o.optimizer, [n for n, _ in self.params[k]])
-                                          for k, o in self.optimizers.items()},
-                              schedulers=self.schedulers, ema=self.ema.state_dict() if self.ema else None,
-                              counters={"step": self.step, "micro_step": self.micro_step})
+        try:
+            if acc.is_main_process:
+                ckpt.fresh_tmp_dir(self.ckpt_root, self.step)
+            acc.wait_for_everyone()
+            ckpt.write_rng(tmp, acc.process_index)
+            if acc.is_main_process:
+                ckpt.write_shared(tmp, weights=self.trainable_state(),
+                                  optimizers={k: (o.optimizer, [n for n, _ in self.params[k]])
+                                              for k, o in self.optimizers.items()},
+                                  schedulers=self.schedulers, ema=self.ema.state_dict() if self.ema else None,
+                                  counters={"step": self.step, "micro_step": self.micro_step})
+        except OSError as e:
+            raise ckpt.write_failure(e, tmp, self.ckpt_root) from None
         acc.wait_for_everyone()
         final = self.ckpt_root / f"step-{self.step:08d}"
         if acc.is_main_process:
-            final = ckpt.finalize(tmp, self.ckpt_root, self.step, self.tc.keep_checkpoints)
+            try:
+                final = ckpt.finalize(tmp, self.ckpt_root, self.step, self.tc.keep_checkpoints)
+            except OSError as e:
+                raise ckpt.write_failure(e, tmp, self.ckpt_root) from None
         acc.wait_for_everyone()
         return final
 
@@ -229,9 +240,21 @@ class Trainer:
             raise StepdistillError(f"train.resume = {r}: not a checkpoint folder (no state.json)")
         return path
 
+    def resume(self) -> Path | None:
+        """Load the checkpoint `train.resume` names, once (the runner calls it before writing anything)."""
+        if not hasattr(self, "_resumed"):
+            self._resumed = self.resume_path()
+            if self._resumed is not None:
+                self.load_checkpoint(self._resumed)
+                self.accelerator.print(f"resumed from {self._resumed} at step {self.step}")
+        return self._resumed
+
     def load_checkpoint(self, path: Path) -> None:
         state = ckpt.read_checkpoint(path, self.accelerator.process_index)
-        self.load_trainable_state(state["weights"])
+        try:
+            self.load_trainable_state(state["weights"])
+        except StepdistillError as e:
+            raise StepdistillError(f"{path}: {e}") from None
         for name, (tensors, plain) in state["optimizers"].items():
             ckpt.load_optimizer_state(self.optimizers[name].optimizer, [n for n, _ in self.params[name]], tensors, plain)
         for name, sd in state["schedulers"].items():
@@ -300,9 +323,11 @@ class Trainer:
             for p in others:
                 p.requires_grad_(True)
 
-    def update(self, name: str, batches: list, logs: LogBuffer) -> None:
-        """One optimizer step of group `name` over the step's micro-batches."""
+    def update(self, name: str, batches: list, logs: LogBuffer) -> bool:
+        """One optimizer step of group `name` over the step's micro-batches; False (and no step) when a loss or
+        gradient is not finite."""
         acc, settings = self.accelerator, self.settings[name]
+        outs = []
         with self.only_trainable(name):
             for i, batch in enumerate(batches):
                 with contextlib.ExitStack() as stack:
@@ -314,21 +339,58 @@ class Trainer:
                     if "loss" not in out:
                         raise StepdistillError(f"{self.distiller.name}.loss(network={name!r}) returned no 'loss'")
                     acc.backward(out["loss"] * (settings.loss_scale / len(batches)))
-                for key, value in out.items():
-                    logs.add(f"loss/{name}" if key == "loss" else f"{name}/{key}", value)
+                outs.append(out)
             params = [p for _, p in self.params[name]]
-            if settings.max_grad_norm is not None:
-                logs.add(f"grad_norm/{name}", acc.clip_grad_norm_(params, settings.max_grad_norm))
-            self.optimizers[name].step()
+            norm = acc.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm is not None else None
+            finite = self.all_finite([o["loss"] for o in outs], params, norm)
+            if finite:
+                self.optimizers[name].step()
+                for out in outs:
+                    for key, value in out.items():
+                        logs.add(f"loss/{name}" if key == "loss" else f"{name}/{key}", value)
+                if norm is not None:
+                    logs.add(f"grad_norm/{name}", norm)
         for opt in self.optimizers.values():  # every network's: nothing carries into another update
             opt.zero_grad(set_to_none=True)
+        return finite
+
+    def all_finite(self, losses: list, params: list, norm) -> bool:
+        """Whether the losses and gradients of an update are finite on every process (one host sync per update).
+        Under fp16 the grad scaler skips overflowing gradients itself (and lowers its scale), so only losses count."""
+        acc = self.accelerator
+        checks = [torch.as_tensor(loss).detach().float().reshape(-1) for loss in losses]
+        if acc.scaler is None:
+            if norm is None:
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            checks.append(norm.detach().float().reshape(-1).to(checks[0].device))
+        bad = (~torch.isfinite(torch.cat(checks))).sum()
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        return not bool(bad)
+
+    def count_nonfinite(self, plan: list, skipped: list) -> None:
+        """Count skipped updates; `train.max_consecutive_nonfinite` in a row for one network stop the run."""
+        for name in plan:
+            self.nonfinite_streak[name] = self.nonfinite_streak.get(name, 0) + 1 if name in skipped else 0
+        for name in skipped:
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + 1
+            if self.accelerator.is_local_main_process:
+                tqdm.write(f"step {self.step}: {name}'s loss or gradient is not finite; its update was skipped "
+                           f"({self.nonfinite[name]} so far)")
+        limit = self.tc.max_consecutive_nonfinite
+        stuck = [name for name in skipped if self.nonfinite_streak[name] >= limit]
+        if stuck:
+            last = ckpt.latest_checkpoint(self.ckpt_root)
+            raise StepdistillError(
+                f"training stopped at step {self.step}: {stuck[0]}'s loss or gradient was NaN/inf in "
+                f"{limit} updates in a row (train.max_consecutive_nonfinite = {limit}); "
+                + (f"the last good checkpoint is {last}" if last else "no checkpoint was written")
+                + ". Lower the learning rate, clip gradients (train.max_grad_norm) or train in bf16/fp32, then resume")
 
     def train(self) -> "Trainer":
         acc, tc = self.accelerator, self.tc
-        resume = self.resume_path()
-        if resume is not None:
-            self.load_checkpoint(resume)
-            acc.print(f"resumed from {resume} at step {self.step}")
+        self.resume()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.log_with:
@@ -350,12 +412,12 @@ class Trainer:
                                        f"trainable networks ({', '.join(self.groups)})")
             batches = [next(data) for _ in range(accum)]
             self.micro_step += accum
-            for name in plan:
-                self.update(name, batches, logs)
+            skipped = [name for name in plan if not self.update(name, batches, logs)]
+            self.count_nonfinite(plan, skipped)
             for scheduler in self.schedulers.values():  # learning rates follow the optimizer step, updated or not
                 scheduler.step()
             if self.ema is not None:
-                self.ema.update()
+                self.ema.update(skip=skipped)
             self.step += 1
             steps_since += 1
             bar.update(1)
@@ -364,9 +426,11 @@ class Trainer:
                 self.logs = logs.pop_means()
                 self.logs["lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
                 self.logs["steps_per_second"] = steps_since / max(now - t_last, 1e-9)
+                self.logs.update({f"nonfinite/{k}": float(v) for k, v in self.nonfinite.items()})
                 t_last, steps_since = now, 0
                 acc.log(self.logs, step=self.step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.logs.items() if k.startswith("loss/")})
+                bar.set_postfix({**{k.split("/")[-1]: f"{v:.4g}" for k, v in self.logs.items() if k.startswith("loss/")},
+                                 **({"skipped": sum(self.nonfinite.values())} if self.nonfinite else {})})
             if tc.sample_every and self.step % tc.sample_every == 0 and acc.is_main_process:
                 self.sample_grid(self.output_dir / "samples" / f"step-{self.step:08d}.png", self.cfg.export.steps[0])
             if self.evaluator is not None and self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
@@ -375,7 +439,8 @@ class Trainer:
                 if metrics:
                     acc.log(metrics, step=self.step)
             if self.step in milestones and acc.is_main_process:  # before the checkpoint: a resumed run
-                self.export(self.output_dir / milestones[self.step][0], milestones[self.step][1])  # never skips one
+                self.export(safe_child(self.output_dir, milestones[self.step][0], "milestone folder"),  # never skips one
+                            milestones[self.step][1])
             if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == tc.max_steps:
                 self.save_checkpoint()
         bar.close()
