@@ -47,6 +47,14 @@ def class_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def class_flow_teacher(tmp_path_factory):
+    """A saved tiny class-conditional flow-matching teacher (the flow digits teacher's kind at toy size)."""
+    from tiny_models import save_class_flow_teacher
+
+    return save_class_flow_teacher(tmp_path_factory.mktemp("teachers") / "class-flow")
+
+
+@pytest.fixture(scope="session")
 def uncond_teacher(tmp_path_factory):
     """A saved tiny unconditional DDPMPipeline."""
     from tiny_models import save_unconditional_teacher
