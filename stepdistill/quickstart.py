@@ -136,6 +136,9 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
     if teacher not in TEACHERS:
         raise ConfigError(f"quickstart has no teacher {teacher!r}; choose from {', '.join(TEACHERS)}")
     teacher_dir = TEACHERS[teacher]
+    if not teacher_dir.is_dir():
+        raise ConfigError(f"the {teacher} digits teacher is not in {teacher_dir}; train it with "
+                          f"`python scripts/train_teacher.py --kind {teacher}`")
     if teacher == "flow":
         for m in [m for m in methods if not REGISTRY[m].supports_flow_teacher]:
             print(f"{m}: skipped on the flow teacher: {REGISTRY[m].flow_teacher_reason}", flush=True)

@@ -51,6 +51,15 @@ def test_quickstart_on_the_flow_teacher_has_euler_baselines(flow_teacher_16, tmp
     assert "sample grids in" in capsys.readouterr().out
 
 
+def test_quickstart_without_the_flow_teacher_says_how_to_train_it(tmp_path, monkeypatch):
+    import stepdistill.quickstart as qs
+    from stepdistill.errors import ConfigError
+
+    monkeypatch.setitem(qs.TEACHERS, "flow", tmp_path / "absent")
+    with pytest.raises(ConfigError, match=r"train_teacher.py --kind flow"):
+        quickstart(["cd"], tmp_path / "out", teacher="flow")
+
+
 def test_quickstart_on_the_flow_teacher_skips_methods_without_flow_support_with_the_reason(flow_teacher_16, tmp_path,
                                                                                           capsys):
     rows = quickstart(["guidance"], tmp_path, num_samples=20, teacher="flow")
