@@ -49,7 +49,8 @@ def cmd_quickstart(args):
     from .quickstart import quickstart, quickstart_configs
 
     methods = list(quickstart_configs()) if args.method == "all" else [args.method]
-    quickstart(methods, args.output_dir, num_samples=args.num_samples, seed=args.seed, overrides=args.overrides)
+    quickstart(methods, args.output_dir, num_samples=args.num_samples, seed=args.seed, overrides=args.overrides,
+               teacher=args.teacher)
 
 
 def cmd_sample(args):
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="distil the embedded digits teacher and print a quality table")
     q.add_argument("--method", default="cd", help="method name, or 'all'")
+    q.add_argument("--teacher", choices=["vp", "flow"], default="vp",
+                   help="the embedded digits teacher: vp (v-prediction DDPM) or flow (flow matching); on flow, "
+                        "methods without flow-teacher support are skipped with the reason")
     q.add_argument("--output-dir", default="runs/quickstart")
     q.add_argument("--num-samples", type=int, default=1000, help="samples per FID row")
     q.add_argument("--seed", type=int, default=0)

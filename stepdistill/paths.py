@@ -14,6 +14,7 @@ PROJECT_ROOT = Path(os.environ.get("STEPDISTILL_ROOT", Path(__file__).resolve().
 SAMPLES = PROJECT_ROOT / "samples"
 CONFIGS = PROJECT_ROOT / "training_configs"
 DIGITS_TEACHER = SAMPLES / "digits-teacher"
+DIGITS_FLOW_TEACHER = SAMPLES / "digits-flow-teacher"  # flow matching, velocity prediction (scripts/train_teacher.py)
 DIGITS_CLASSIFIER = SAMPLES / "digits-classifier"
 
 

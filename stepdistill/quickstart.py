@@ -5,7 +5,9 @@ runs (progressive rounds) gets rows for every run's student. Students are sample
 pipelines, as a user loads them. The table compares each student at its
 step counts (and guidance scales, for guidance-conditioned students) with the teacher's DDIM
 (trailing spacing, x0 clipped to the data range, CFG at the same scale) at the same steps and at
-1, 2, 4 and 50 steps, as a Frechet distance in the digits classifier's features.
+1, 2, 4 and 50 steps, as a Frechet distance in the digits classifier's features. With the flow-matching
+teacher (`--teacher flow`) the baseline is its flow-matching Euler on its scheduler's grid, unclipped, as
+its FlowMatchEulerDiscreteScheduler pipeline samples; methods without flow-teacher support are skipped.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from .distillers.common import parameter_count
 from .errors import ConfigError
 from .eval.quality import DigitsFID, generate
 from .export import update_card_metrics
-from .paths import CONFIGS, DIGITS_TEACHER
+from .paths import CONFIGS, DIGITS_FLOW_TEACHER, DIGITS_TEACHER
 from .runner import build, run_stages
 from .samplers import sample_ode
+from .schedules import FlowSchedule
 from .sampling import pipeline_images
 from .teacher import load_pipeline, load_teacher
 
 TEACHER_STEPS = (1, 2, 4, 50)
+TEACHERS = {"vp": DIGITS_TEACHER, "flow": DIGITS_FLOW_TEACHER}
 
 
 def quickstart_configs() -> dict[str, str]:
@@ -60,15 +64,18 @@ def teacher_rows(teacher, fid: DigitsFID, num_samples: int, seed: int, cache: Pa
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
     known = {_point(r["steps"], r.get("guidance")): r for r in stored.get("rows", [])} if stored.get("key") == key else {}
     params = parameter_count(teacher.model)
+    flow = isinstance(teacher.denoiser.schedule, FlowSchedule)
     for steps, w in points:
         if (steps, w) in known:
             continue
         grid = teacher.denoiser.schedule.sampling_grid(steps, "trailing")
         encode = teacher.conditioner.encode
         images = generate(lambda z, labels, g: sample_ode(
-            teacher.denoiser, z, grid, {"cond": encode({"class_labels": labels}, "cpu"), "guidance": w}, clip_x0=1.0),
+            teacher.denoiser, z, grid, {"cond": encode({"class_labels": labels}, "cpu"), "guidance": w},
+            solver="euler" if flow else "ddim", clip_x0=None if flow else 1.0),
             num_samples, teacher.sample_shape, seed=seed)
-        row = {"model": "teacher", "sampler": "ddim", "steps": steps, "fid": fid(images), "params": params}
+        row = {"model": "teacher", "sampler": "euler" if flow else "ddim", "steps": steps, "fid": fid(images),
+               "params": params}
         if w != 1.0:
             row["guidance"] = w
         known[(steps, w)] = row
@@ -119,12 +126,23 @@ def format_table(rows: list[dict]) -> str:
 
 
 def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 1000, seed: int = 0,
-               overrides: list[str] | None = None) -> list[dict]:
-    """Run each method on the digits world and write results.json; returns its records."""
+               overrides: list[str] | None = None, teacher: str = "vp") -> list[dict]:
+    """Run each method on the digits world (the vp or the flow teacher) and write results.json; returns its
+    records. On the flow teacher, methods that do not support flow teachers are skipped with their reason."""
     configs = quickstart_configs()
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise ConfigError(f"quickstart has no method {unknown[0]!r}; choose from {', '.join(configs)} or all")
+    if teacher not in TEACHERS:
+        raise ConfigError(f"quickstart has no teacher {teacher!r}; choose from {', '.join(TEACHERS)}")
+    teacher_dir = TEACHERS[teacher]
+    if not teacher_dir.is_dir():
+        raise ConfigError(f"the {teacher} digits teacher is not in {teacher_dir}; train it with "
+                          f"`python scripts/train_teacher.py --kind {teacher}`")
+    if teacher == "flow":
+        for m in [m for m in methods if not REGISTRY[m].supports_flow_teacher]:
+            print(f"{m}: skipped on the flow teacher: {REGISTRY[m].flow_teacher_reason}", flush=True)
+        methods = [m for m in methods if REGISTRY[m].supports_flow_teacher]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fid = DigitsFID()
@@ -132,7 +150,7 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
     for method in methods:
         start = time.perf_counter()
         cfg = load_config(CONFIGS / "digits" / configs[method],
-                          [f"output_dir={out / method}", f"teacher={DIGITS_TEACHER}", *(overrides or [])])
+                          [f"output_dir={out / method}", f"teacher={teacher_dir}", *(overrides or [])])
         stages = [st for st in run_stages(cfg) if st.student_dir is not None and st.config is not None]
         train_s = time.perf_counter() - start
         for stage in stages:  # a multi-run method (progressive rounds) gets rows for every run's student
@@ -144,7 +162,7 @@ def quickstart(methods: list[str], output_dir: str | Path, num_samples: int = 10
         print(f"{method}: trained in {train_s:.0f} s, evaluated in {time.perf_counter() - start - train_s:.0f} s; "
               f"student in {stages[-1].student_dir}, sample grids in {stages[-1].output_dir / 'samples'}",
               flush=True)
-    teacher = load_teacher(str(DIGITS_TEACHER))
+    teacher = load_teacher(str(teacher_dir))
     # the teacher at 1/2/4/50 steps, and at every (steps, guidance) a student was measured at
     points = [(s, None) for s in TEACHER_STEPS] + [(r["steps"], r.get("guidance")) for r in rows]
     rows = teacher_rows(teacher, fid, num_samples, seed, out / "teacher_rows.json", points) + rows

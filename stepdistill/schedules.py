@@ -13,12 +13,64 @@ import math
 import numpy as np
 import torch
 
-from .errors import StepdistillError
+from .errors import ConfigError, StepdistillError
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-example tensor (B,) so it broadcasts against `like` (B, ...)."""
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+# What each diffusers scheduler setting does to a teacher's schedule (issue 12: never ignore one).
+# Settings of how a diffusers sampler walks the schedule (its inference grid, step rule, clipping, boundary
+# conditions): they do not change the noise levels the network was trained at, and stepdistill's own samplers
+# choose their grids themselves (students export their own schedulers), so they are read by no one here.
+SAMPLER_SETTINGS = frozenset({
+    "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "variance_type", "skip_prk_steps", "interpolation_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "sigma_min", "sigma_max", "final_sigmas_type",
+    "timestep_type", "solver_order", "solver_type", "algorithm_type", "lower_order_final", "euler_at_final",
+    "lambda_min_clipped", "use_lu_lambdas", "predict_x0", "solver_p", "disable_corrector", "original_inference_steps",
+    "timestep_scaling", "prediction_type"})  # prediction_type is the Denoiser's parameterization, read there
+VP_SETTINGS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                         "rescale_betas_zero_snr", "set_alpha_to_one"})
+VP_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+# VP sampler settings that would change the noise levels themselves: refused when set
+VP_REFUSED = {"timestep_type": ("discrete", None), "use_flow_sigmas": (False, None),
+              "use_dynamic_shifting": (False, None), "shift_terminal": (None,)}
+VP_INERT = frozenset({"flow_shift", "time_shift_type"})  # read by DPMSolver / UniPC only with flow sigmas (refused)
+FLOW_SETTINGS = frozenset({"num_train_timesteps", "shift"})
+# FlowMatchEulerDiscreteScheduler settings that move its sigmas away from shift(t): refused unless at these values
+FLOW_REFUSED = {
+    "use_dynamic_shifting": (False, None), "shift_terminal": (None,), "use_karras_sigmas": (False, None),
+    "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "invert_sigmas": (False, None),
+    "stochastic_sampling": (False, None)}
+# read by diffusers only under use_dynamic_shifting (refused above), so inert otherwise
+FLOW_INERT = frozenset({"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"})
+FLOW_HINTS = {
+    "use_dynamic_shifting": "Flux's resolution-dependent mu: save the scheduler with use_dynamic_shifting=False and "
+                            "shift=exp(mu) for the teacher's resolution (diffusers' calculate_shift(image_seq_len, "
+                            "base_image_seq_len, max_image_seq_len, base_shift, max_shift)), which is the same "
+                            "sigma schedule at that resolution",
+    "stochastic_sampling": "students would be sampled with fresh noise they were not trained for; save it False",
+}
+
+
+def _check_settings(config, known: frozenset, refused: dict, kind: str, hints: dict | None = None) -> None:
+    """Refuse a scheduler setting that changes the schedule in a way stepdistill does not model, and any
+    setting it does not know, naming it; underscore keys (_class_name, _diffusers_version) are metadata."""
+    name = config.get("_class_name", "scheduler")
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key in refused:
+            if value not in refused[key]:
+                hint = (hints or {}).get(key, f"save the scheduler with {key}={refused[key][0]!r}")
+                raise ConfigError(f"{name} setting {key}={value!r} changes the {kind} schedule in a way stepdistill "
+                                  f"does not support: {hint}")
+        elif key not in known and key not in SAMPLER_SETTINGS:
+            raise ConfigError(f"{name} setting {key}={value!r} is unknown to stepdistill, which cannot tell how it "
+                              f"changes the {kind} schedule; remove it from the scheduler config if it has no effect")
 
 
 class NoiseSchedule:
@@ -56,6 +108,10 @@ class VPSchedule(NoiseSchedule):
     def from_scheduler_config(cls, config) -> "VPSchedule":
         from diffusers import DDPMScheduler
 
+        _check_settings(config, VP_SETTINGS | VP_INERT, VP_REFUSED, "VP")
+        if config.get("trained_betas") is None and config.get("beta_schedule", "linear") not in VP_BETA_SCHEDULES:
+            raise ConfigError(f"beta_schedule={config['beta_schedule']!r} is not supported; use one of "
+                              f"{', '.join(VP_BETA_SCHEDULES)} or give trained_betas")
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "rescale_betas_zero_snr")
         kwargs = {k: config[k] for k in keys if k in config and config[k] is not None}
@@ -70,7 +126,12 @@ class VPSchedule(NoiseSchedule):
         if table is None:
             table = self._log_tables[t.device] = self.log_table.to(t.device)
         lo = lo.long()
-        return torch.exp(table[lo] * (1 - frac) + table[lo + 1] * frac)
+        log_interp = table[lo] * (1 - frac) + table[lo + 1] * frac
+        # a zero-terminal-SNR schedule ends at abar = 0, whose log is -inf: the last interval interpolates abar
+        # itself (finite, monotone, exact at both ends) instead of 0 * -inf = NaN
+        upper = table[lo + 1].exp()
+        linear = table[lo].exp() * (1 - frac) + upper * frac
+        return torch.where(upper > 0, log_interp.exp(), linear)
 
     def alpha_sigma(self, t):
         abar = self._abar(torch.as_tensor(t))
@@ -118,6 +179,9 @@ class FlowSchedule(NoiseSchedule):
 
     @classmethod
     def from_scheduler_config(cls, config) -> "FlowSchedule":
+        """num_train_timesteps and shift; FlowMatchEulerDiscreteScheduler settings that move its sigmas elsewhere
+        (dynamic shifting, shift_terminal, Karras / exponential / beta sigmas, inverted sigmas) are refused."""
+        _check_settings(config, FLOW_SETTINGS | FLOW_INERT, FLOW_REFUSED, "flow-matching", FLOW_HINTS)
         return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
 
     def alpha_sigma(self, t):

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from stepdistill.errors import StepdistillError
-from stepdistill.schedules import FlowSchedule, VPSchedule, sample_u_shaped
+from stepdistill.errors import ConfigError, StepdistillError
+from stepdistill.schedules import FlowSchedule, VPSchedule, sample_u_shaped, schedule_from_scheduler_config
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -84,3 +84,74 @@ def test_flow_student_grids_are_pcm_phase_edges_not_the_teacher_schedulers():
     torch.testing.assert_close(sched.sigmas.float(), fs.sampling_grid(4, "shifted"), atol=1e-6, rtol=1e-6)
     with pytest.raises(StepdistillError, match="spacing"):
         fs.sampling_grid(4, "leading")
+
+
+def test_zero_terminal_snr_abar_is_finite_and_monotone_up_to_t_1():
+    """rescale_betas_zero_snr ends at abar = 0: no NaN from log 0, monotone into the pure-noise end."""
+    sched = DDIMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    vp = VPSchedule.from_scheduler_config(sched.config)
+    assert sched.alphas_cumprod[-1] == 0
+    t = torch.cat([torch.linspace(0, 1, 20001), torch.tensor([0.9995, 1 - 1e-7, 1.0])]).sort().values
+    a, s = vp.alpha_sigma(t)
+    assert bool(torch.isfinite(a).all()) and bool(torch.isfinite(s).all())
+    assert bool((a[1:] <= a[:-1]).all()) and bool((s[1:] >= s[:-1]).all())
+    assert a[-1].item() == 0.0 and s[-1].item() == 1.0
+    a_k, _ = vp.alpha_sigma(vp.t_of_timestep(torch.tensor([998, 999])))
+    torch.testing.assert_close(a_k, sched.alphas_cumprod[[998, 999]].sqrt(), rtol=1e-5, atol=1e-7)
+    assert 0 < vp.alpha_sigma(torch.tensor([0.9995]))[0].item() < a_k[0].item()  # between timesteps 998 and 999
+
+
+def test_vp_schedule_reads_trained_betas_and_sigmoid_and_refuses_unknown_beta_schedules():
+    betas = torch.linspace(1e-4, 0.03, 100)
+    vp = VPSchedule.from_scheduler_config(DDPMScheduler(num_train_timesteps=100, trained_betas=betas.numpy()).config)
+    torch.testing.assert_close(vp.alpha_sigma(torch.tensor([1.0]))[0] ** 2, torch.cumprod(1 - betas, 0)[-1:].float())
+    sig = VPSchedule.from_scheduler_config(DDPMScheduler(beta_schedule="sigmoid").config)
+    lin = VPSchedule.from_scheduler_config(DDPMScheduler(beta_schedule="linear").config)
+    assert (sig.alpha_sigma(torch.tensor([0.5]))[0] - lin.alpha_sigma(torch.tensor([0.5]))[0]).abs() > 1e-3
+    with pytest.raises(ConfigError, match="beta_schedule='laplace' is not supported"):
+        VPSchedule.from_scheduler_config({**DDPMScheduler().config, "beta_schedule": "laplace"})
+
+
+@pytest.mark.parametrize("setting,value", [("timestep_type", "continuous"), ("use_flow_sigmas", True),
+                                           ("snr_shift_scale", 3.0)])
+def test_vp_schedule_refuses_settings_that_change_its_noise_levels(setting, value):
+    with pytest.raises(ConfigError, match=f"setting {setting}={value!r}"):
+        schedule_from_scheduler_config({**DDIMScheduler().config, setting: value})
+
+
+def test_vp_sampler_settings_leave_the_schedule_unchanged():
+    """timestep_spacing, Karras sigmas, clipping: how a diffusers sampler walks the schedule, not the schedule."""
+    base = VPSchedule.from_scheduler_config(EulerDiscreteScheduler().config)
+    other = VPSchedule.from_scheduler_config(EulerDiscreteScheduler(use_karras_sigmas=True, timestep_spacing="leading",
+                                                                    steps_offset=1).config)
+    torch.testing.assert_close(base.table, other.table)
+
+
+def test_flow_schedule_reads_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fs = schedule_from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift=2.5).config)
+    assert isinstance(fs, FlowSchedule) and fs.shift == 2.5
+    torch.testing.assert_close(fs.shifted(torch.tensor(0.5)), torch.tensor(2.5 * 0.5 / (1 + 1.5 * 0.5)))
+
+
+@pytest.mark.parametrize("setting,value", [("use_dynamic_shifting", True), ("shift_terminal", 0.02),
+                                           ("use_karras_sigmas", True), ("use_exponential_sigmas", True),
+                                           ("use_beta_sigmas", True), ("invert_sigmas", True),
+                                           ("stochastic_sampling", True)])
+def test_flow_schedule_refuses_sigma_settings_it_does_not_model(setting, value):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {**FlowMatchEulerDiscreteScheduler(shift=3.0).config, setting: value}
+    with pytest.raises(ConfigError, match=f"setting {setting}={value!r}"):
+        schedule_from_scheduler_config(config)
+
+
+def test_dynamic_shifting_error_says_how_to_fix_it_and_unknown_settings_are_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    with pytest.raises(ConfigError, match=r"shift=exp\(mu\)"):
+        schedule_from_scheduler_config(config)
+    with pytest.raises(ConfigError, match="setting warp=2 is unknown"):
+        schedule_from_scheduler_config({**FlowMatchEulerDiscreteScheduler().config, "warp": 2})

@@ -83,3 +83,30 @@ def test_euler_is_first_order_and_heun_second_order_on_the_exact_gaussian_ode(sc
     assert 3.4 < err["heun", 32] / err["heun", 64] < 4.6  # ... and quarters Heun's
     assert err["heun", 64] < 0.1 * err["euler", 64]
     assert solvers.nfe("heun", 8) == 15 and solvers.nfe("ddim", 8) == 8
+
+
+class Linear(nn.Module):
+    """A deterministic nonlinear stand-in network: each example's output depends on its own input and time only."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, sample, timestep, return_dict=False):
+        return (torch.tanh(self.w * sample) * (1 + timestep.view(-1, 1, 1, 1) / 1000),)
+
+
+@pytest.mark.parametrize("schedule", [FlowSchedule(shift=3.0), VPSchedule(DDIMScheduler(beta_schedule="scaled_linear").alphas_cumprod)])
+def test_heun_decides_the_euler_fallback_per_example_on_a_mixed_batch(schedule):
+    """Examples landing on t = 0 take Euler, the others Heun, exactly as each example stepped alone."""
+    den = EpsDenoiser(Linear(), schedule)
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.9, 0.5, 0.3, 0.6])
+    t_next = torch.tensor([0.0, 0.2, 0.0, 0.4])  # a consistency batch: some intervals end on the clean end
+    with torch.no_grad():
+        batch = solvers.heun_step(den, x, t, t_next)
+        alone = torch.cat([solvers.heun_step(den, x[i:i + 1], t[i:i + 1], t_next[i:i + 1]) for i in range(4)])
+        euler = solvers.euler_step(den, x, t, t_next)
+    torch.testing.assert_close(batch, alone, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(batch[[0, 2]], euler[[0, 2]], atol=1e-6, rtol=1e-6)
+    assert (batch[[1, 3]] - euler[[1, 3]]).abs().max() > 1e-3  # the others took the second-order step

@@ -63,6 +63,14 @@ def save_class_teacher(path: Path, size: int = 8) -> Path:
     return path
 
 
+def save_class_flow_teacher(path: Path, size: int = 8, shift: float = 2.0) -> Path:
+    """The flow-matching digits teacher's kind at toy size: velocity prediction, FlowMatchEulerDiscreteScheduler."""
+    pipe = ClassConditionalPipeline(unet=tiny_class_unet(size), scheduler=flow_scheduler(shift), null_class=10,
+                                    num_classes=10)
+    pipe.save_pretrained(path)
+    return path
+
+
 def save_unconditional_teacher(path: Path, size: int = 8) -> Path:
     """A tiny unconditional DDPMPipeline (a pipeline class that lives in diffusers)."""
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")

@@ -48,6 +48,10 @@ class Distiller(nn.Module):
     needs_images: ClassVar[bool] = True  # False: trains data-free on conditions alone (data.dataset prompts/none)
     find_unused_parameters: ClassVar[bool] = False
     sampler_name: ClassVar[str] = ""  # the student's sampler, as reported in quality tables
+    # runs on flow-matching teachers (`stepdistill quickstart --teacher flow` runs it on the flow digits teacher);
+    # a method that does not is skipped there, with flow_teacher_reason printed
+    supports_flow_teacher: ClassVar[bool] = False
+    flow_teacher_reason: ClassVar[str] = "the method does not declare flow-teacher support (supports_flow_teacher)"
 
     def __init__(self, teacher, config):
         super().__init__()

@@ -314,6 +314,7 @@ class ConsistencyDistiller(Distiller):
     paper = {"title": "Consistency Models", "arxiv": "2303.01469"}
     family = "consistency"
     quickstart_config = "consistency.yaml"
+    supports_flow_teacher = True  # FlowTimeline
     needs_images = False  # prompt-only batches start from the teacher's guided DDIM (data_free_start)
     sampler_name = "consistency"
     scheduler_kind = "consistency"

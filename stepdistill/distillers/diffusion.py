@@ -1,7 +1,9 @@
 """Plain diffusion training (denoising score matching), used to train the embedded teacher.
 
 Not a distiller: it trains the pipeline's own network in its own parameterization (the
-Denoiser's training target), with label dropout so that classifier-free guidance works.
+Denoiser's training target: eps, v, x0, or a flow-matching velocity eps - x0), with label dropout so
+that classifier-free guidance works. A flow teacher is sampled and exported with plain flow-matching
+Euler (no x0 clipping), so its own sampler and its diffusers FlowMatchEulerDiscreteScheduler agree.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..conditioning import drop_conditions
 from ..config import check_range, option
 from ..samplers import sample_ode
-from ..schedules import sample_logit_normal, sample_training_times
+from ..schedules import FlowSchedule, sample_logit_normal, sample_training_times
 from .base import Distiller, DistillerConfig, register
 
 
@@ -40,6 +42,8 @@ class DiffusionTraining(Distiller):
         super().__init__(teacher, config)
         self.teacher.model.requires_grad_(True).train().float()
         self.student_denoiser = self.teacher  # the network trained is the pipeline's own
+        self.flow = isinstance(self.teacher.schedule, FlowSchedule)
+        self.sampler_name = "euler" if self.flow else "ddim"
 
     def frozen_modules(self):
         return [self.codec]
@@ -64,11 +68,13 @@ class DiffusionTraining(Distiller):
         den = self.teacher.with_model(networks["student"]) if networks is not None else self.teacher
         grid = self.teacher.schedule.sampling_grid(steps, "trailing")
         w = self.config.sample_guidance if guidance_scale is None else guidance_scale
-        return sample_ode(den, noise, grid, {"cond": cond, "guidance": w}, clip_x0=1.0)
+        return sample_ode(den, noise, grid, {"cond": cond, "guidance": w}, clip_x0=None if self.flow else 1.0)
 
     def eval_guidance_scales(self):
         return [self.config.sample_guidance]
 
     def export_scheduler(self, steps):
         cfg = self.teacher_info.pipeline.scheduler.config
+        if self.flow:
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
         return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", clip_sample=True)

@@ -181,6 +181,7 @@ class ProgressiveDistiller(Distiller):
     paper = {"title": "Progressive Distillation for Fast Sampling of Diffusion Models", "arxiv": "2202.00512"}
     family = "progressive"
     quickstart_config = "progressive.yaml"
+    supports_flow_teacher = True  # flow Euler grids and the velocity head
     sampler_name = "ddim"
 
     def __init__(self, teacher, config: ProgressiveConfig):
@@ -312,6 +313,8 @@ class GuidanceDistiller(Distiller):
     paper = {"title": "On Distillation of Guided Diffusion Models", "arxiv": "2210.03142"}
     family = "progressive"
     quickstart_config = "guidance.yaml"
+    flow_teacher_reason = ("not yet run on a flow teacher: its stage two is progressive rounds, whose flow grids "
+                           "issue 12 item 3 is making nest")
     sampler_name = "ddim"
 
     def __init__(self, teacher, config: GuidanceConfig):
