@@ -138,7 +138,8 @@ class ExportConfig:
 @dataclass
 class KernelsConfig:
     attention: Literal["auto", "triton", "xformers", "sdpa"] = option(
-        "auto", "attention backend: Triton on CUDA for supported shapes, else xformers, else SDPA")
+        "auto", "attention backend; auto: PyTorch SDPA, except shapes where a recorded GPU measurement "
+        "showed the Triton kernel faster (none yet); triton / xformers: explicitly")
     ema: Literal["auto", "fused", "foreach"] = option(
         "auto", "EMA update: fused Triton kernel on CUDA, a cache-blocked multi-rate update on CPU; "
         "foreach: torch._foreach_lerp_ per rate")
