@@ -140,13 +140,47 @@ def report(mod, label: str) -> None:
             sys.stdout.flush()
 
 
+def report_ema(rev: str | None) -> None:
+    """The fused EMA kernel (3 rates, bf16 live, BLOCK 1024) with and without its alignment hint."""
+    if rev is None:
+        from stepdistill.kernels import ema
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:stepdistill/kernels/ema.py"], capture_output=True, text=True,
+                             check=True).stdout
+        import stepdistill.kernels as pkg
+
+        ema = type(sys)("stepdistill.kernels._ema_" + re.sub(r"[^A-Za-z0-9]", "_", rev))
+        ema.__package__ = pkg.__name__
+        path = os.path.join(tempfile.mkdtemp(), "ema_old.py")
+        with open(path, "w") as f:
+            f.write(src)
+        exec(compile(src, path, "exec"), ema.__dict__)
+    sig = {"live_base": "*bf16", "live_off_ptr": "*i64", "flat_ptr": "*fp32", "flat_off_ptr": "*i64",
+           "len_ptr": "*i32", "row1": "i64", "row2": "i64", "row3": "i64", "w0": "fp32", "w1": "fp32", "w2": "fp32",
+           "w3": "fp32", "NUM_RATES": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+    print(f"\n## fused EMA kernel {'at ' + rev if rev else '(current)'} (sm_90, bf16 live, 3 rates, BLOCK 1024)\n")
+    print("| ALIGNED | ld.global scalar | ld.global.v4 | st.global scalar | st.global.v4 |")
+    print("|---|---|---|---|---|")
+    for aligned in (False, True):
+        src = ASTSource(fn=ema._ema_kernel, signature=sig, constexprs={"NUM_RATES": 3, "BLOCK": 1024,
+                                                                        "ALIGNED": aligned}, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        c = counts(ptx)
+        st_s = len(re.findall(r"st\.global(?:\.[a-z]+)*\.(?:b16|b32)\s", ptx))
+        st_v = len(re.findall(r"st\.global(?:\.[a-z]+)*\.v4\.", ptx))
+        print(f"| {aligned} | {c['ld.global scalar']} | {c['ld.global.v4']} | {st_s} | {st_v} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", default=None, help="also compile the kernels at this git revision (e.g. main)")
     args = ap.parse_args()
     if args.old:
         report(load_module(args.old), f"kernels at {args.old}")
+        report_ema(args.old)
     report(load_module(None), "current kernels")
+    report_ema(None)
 
 
 if __name__ == "__main__":
