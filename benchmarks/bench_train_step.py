@@ -201,6 +201,10 @@ def method_steps(cfg, distiller, dataset, steps: int, warmup: int):
     from stepdistill.training.data import batch_iterator
     from stepdistill.training.trainer import LogBuffer, Trainer
 
+    if os.environ.get("BENCH_NO_FUSED_ADAMW"):  # --no-fused-adamw: measure what the fused optimizer buys
+        import stepdistill.training.trainer as trainer_module
+
+        trainer_module.fused_adamw = lambda params: None
     trainer = Trainer(distiller, dataset, cfg)
     data = batch_iterator(dataset, cfg.train.batch_size, cfg.seed, 0, 0, 1)
     logs = LogBuffer()
@@ -257,6 +261,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in each child (0: torch's default)")
+    p.add_argument("--no-fused-adamw", action="store_true", help="the methods with torch's default (foreach) AdamW")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "BASELINE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -269,7 +274,8 @@ def main(argv=None):
             out = subprocess.run([sys.executable, __file__, "--child", method, str(int(baseline)), "--arch", args.arch,
                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                                   "--threads", str(args.threads)], capture_output=True, text=True,
-                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                                      **({"BENCH_NO_FUSED_ADAMW": "1"} if args.no_fused_adamw else {})})
             if out.returncode:
                 sys.exit(f"{method} (baseline={baseline}) failed:\n{out.stderr[-4000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
