@@ -94,6 +94,8 @@ def setup(arch: str, method: str, batch: int):
                       f"data.resolution={res}"]
     else:
         overrides.append(f"teacher={ROOT / 'samples' / 'digits-teacher'}")
+    if method == "progressive":
+        overrides.append("distill.round=1")  # one round (64 -> 32 teacher steps) is one training run
     cfg = load_config(CONFIG_DIR / CONFIGS[method], overrides)
     teacher, distiller, dataset = build(cfg)
     return cfg, teacher, distiller, dataset
@@ -279,8 +281,7 @@ def main(argv=None):
             if out.returncode:
                 sys.exit(f"{method} (baseline={baseline}) failed:\n{out.stderr[-4000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"measured {rows[-1]['row']} for {method}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr,
-                  flush=True)
+            print(f"measured {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print(f"\n{args.arch}, batch {args.batch}, {rows[0]['device']}, median of {args.steps} steps after {args.warmup}\n")
     print("| method | row | trainable params | step | peak memory (above start) | step ratio (baseline / row) "
           "| memory ratio (row / baseline) |")
