@@ -103,6 +103,8 @@ class TrainConfig:
     groups: dict[str, GroupConfig] = option({}, "per-network optimizer settings by trainable network name, e.g. "
                                                 "{fake_score: {learning_rate: 2e-6}}; unset values are the ones above")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast precision of the student's forward")
+    allow_tf32: bool = option(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (the fp32 parts of "
+                                    "mixed precision, fp32 runs); false: full fp32")
     ema_decays: list[float] = option([], "EMA rates of the student kept during training, e.g. [0.999, 0.9999]")
     ema_warmup: bool = option(False, "use min(decay, (1+n)/(10+n)) early in training, as diffusers' EMAModel")
     export_weights: str = option("auto", "weights written at export: 'student', 'ema_<decay>', or auto (the slowest EMA if any)")
@@ -141,7 +143,8 @@ class ExportConfig:
 @dataclass
 class KernelsConfig:
     attention: Literal["auto", "triton", "xformers", "sdpa"] = option(
-        "auto", "attention backend: Triton on CUDA for supported shapes, else xformers, else SDPA")
+        "auto", "attention backend; auto: PyTorch SDPA, except shapes where a recorded GPU measurement "
+        "showed the Triton kernel faster (none yet); triton / xformers: explicitly")
     ema: Literal["auto", "fused", "foreach"] = option(
         "auto", "EMA update: fused Triton kernel on CUDA, a cache-blocked multi-rate update on CPU; "
         "foreach: torch._foreach_lerp_ per rate")

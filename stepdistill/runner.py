@@ -22,6 +22,9 @@ from .training.trainer import Trainer
 def build(cfg: RunConfig):
     """Teacher, distiller and dataset for a config (seeded, so student initialisation is reproducible)."""
     torch.manual_seed(cfg.seed)
+    if torch.cuda.is_available():  # process-wide, as diffusers' --allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     teacher = load_teacher(cfg.teacher, vae=cfg.vae)
     teacher.conditioner.prepare(cfg.data)
     distiller = get_distiller_class(cfg.method)(teacher, cfg.distill)

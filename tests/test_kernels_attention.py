@@ -1,8 +1,10 @@
 """Triton flash attention vs the pure-torch reference, and its diffusers processors vs the defaults.
 
 The kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1, set in conftest)
-in fp32 with 16x16 blocks, so the small shapes below still cross block edges, pad head dims
-(8 -> 16, 40 -> 64, 80 -> 128, 160 -> 256) and mask ragged key lengths. Tolerances: kernel
+in fp32 with 16x16 blocks, so the small shapes below still cross block edges, split head dims into
+two tiles (40 = 32 + 16 with 8 masked columns, 80 = 64 + 16, 160 = 128 + 32, 8 -> 16 masked), take
+the aligned-stride path (strides multiples of 8) and the unaligned one (head dim 20), and mask
+ragged (odd) sequence lengths. The backward is the five-product one with dQ added atomically. Tolerances: kernel
 (fp32) vs reference (fp64): 2e-5 absolute on outputs and gradients; whole tiny models with the
 Triton processor vs diffusers' SDPA processor (both fp32): 1e-4 absolute.
 The fp16/bf16 numerics on a GPU are in test_cuda_kernels_fp16_bf16 (marker `cuda`: deselected by default, run with `pytest -m cuda` on a GPU).
@@ -66,8 +68,10 @@ CASES = [  # b, h, lq, lk, d, mask
     (2, 1, 24, 77, 80, "bool_keys"),  # cross-attention to 77 text tokens, head dim 80
     (1, 2, 20, 9, 32, "additive"),
     (2, 2, 18, 18, 8, "additive_bcast"),  # tiny-model head dim, padded to 16
-    (1, 1, 17, 33, 160, None),  # head dim 160, padded to 256
+    (1, 1, 17, 33, 160, None),  # head dim 160 = 128 + 32, no padding
     (1, 1, 16, 16, 64, None),  # exact block multiple
+    (1, 1, 19, 21, 64, "bool_keys"),  # head dim 64, odd lengths both sides
+    (2, 1, 13, 29, 20, None),  # head dim 20 = 16 + 16 (4 masked), strides not multiples of 8
 ]
 
 
@@ -134,6 +138,66 @@ def test_custom_scale_and_errors():
         flash_attention(q, k, v, torch.zeros(1, 1, 9, 9, requires_grad=True))
 
 
+def test_head_split_strides_buckets_and_grid_limit():
+    assert [attention.head_split(d) for d in (8, 16, 40, 64, 72, 80, 128, 160, 256)] == [
+        (16, 0), (16, 0), (32, 16), (64, 0), (64, 16), (64, 16), (128, 0), (128, 32), (256, 0)]
+    q, k, v = _inputs(1, 2, 5, 5, 40)
+    assert attention.stride_alignment(q, k, v) == 8
+    assert attention.stride_alignment(*_inputs(1, 2, 5, 5, 20)) == 1
+    assert [attention.length_bucket(n) for n in (1, 64, 65, 77, 1024, 1025, 4429)] == [64, 64, 128, 128, 1024, 2048,
+                                                                                      8192]
+    attention.check_grid(40_000, 1024, 77)  # batch x heads beyond 65,535 is fine: it is grid axis 0
+    with pytest.raises(ValueError, match="65535 blocks"):
+        attention.check_grid(1, 65535 * 16 + 1, 8)
+
+
+def test_batch_heads_go_on_grid_axis_0(monkeypatch):
+    """Axis 0 takes 2^31 - 1 programs, axes 1-2 only 65,535: batch x heads must be axis 0."""
+    grids = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(attention, "_attn_fwd", Spy(attention._attn_fwd))
+    monkeypatch.setattr(attention, "_attn_bwd", Spy(attention._attn_bwd))
+    q, k, v = (x.requires_grad_() for x in _inputs(3, 1, 33, 17, 16))
+    flash_attention(q, k, v).sum().backward()
+    assert grids == [(3, 3), (3, 2)]  # (B*H, query blocks of 16), (B*H, key blocks of 16)
+
+
+def test_autotune_configs_pruned_by_head_dim():
+    def kept(d, backward):
+        d0, d1 = attention.head_split(d)
+        configs = attention._BWD_CONFIGS if backward else attention._FWD_CONFIGS
+        return attention.prune_configs(configs, {}, backward=backward, D0=d0, D1=d1)
+
+    for d in (40, 64, 80, 128, 160, 256):
+        for backward in (False, True):
+            got = kept(d, backward)
+            assert got, (d, backward)
+            assert all(attention._smem_estimate(c, sum(attention.head_split(d)), backward) <= attention.SMEM_BUDGET
+                       for c in got) or len(got) == 1
+    assert len(kept(256, False)) < len(attention._FWD_CONFIGS)  # the 128-row, 3-stage tiles go at 256
+    assert len(kept(256, True)) < len(attention._BWD_CONFIGS)
+    for backward in (False, True):  # head dims <= 64 keep only the wide tiles
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 32 for c in kept(40, backward))
+        assert len(kept(40, backward)) < len(kept(80, backward))
+
+
+def test_old_triton_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(attention.triton, "__version__", "2.3.1")
+    assert "older than 3.0" in attention.triton_problem()
+    with pytest.raises(RuntimeError, match="older than 3.0"):
+        flash_attention(*_inputs(1, 1, 4, 4, 16))
+    with pytest.raises(StepdistillError, match="older than 3.0"):
+        dispatch.resolve_backend("triton")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -151,9 +215,25 @@ def test_resolve_backend_choices(monkeypatch):
     monkeypatch.setattr(dispatch.torch.cuda, "is_available", lambda: False)
     with pytest.raises(StepdistillError, match="no CUDA device"):
         dispatch.resolve_backend("triton")
-    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
+    monkeypatch.setattr(dispatch, "triton_problem", lambda: "the triton package is not installed")
     with pytest.raises(StepdistillError, match="triton package is not installed"):
         dispatch.resolve_backend("triton")
+
+
+def test_auto_is_sdpa_until_a_measurement_says_otherwise(monkeypatch):
+    """No GPU measurement is recorded: auto is SDPA even where CUDA and Triton are there; an entry for
+    this device's capability turns on per-shape routing, which still sends CPU tensors to SDPA."""
+    monkeypatch.setattr(dispatch.torch.cuda, "is_available", lambda: True)
+    assert dispatch.TRITON_MEASURED_FASTER == frozenset()
+    assert dispatch.resolve_backend("auto") == "sdpa"
+    monkeypatch.setattr(dispatch.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(dispatch, "TRITON_MEASURED_FASTER", frozenset({((9, 0), torch.bfloat16, 64)}))
+    assert dispatch.resolve_backend("auto") == "auto"
+    q, k, v = _inputs(1, 2, 5, 5, 64)
+    assert not dispatch.measured_faster(q)  # CPU tensor
+    torch.testing.assert_close(dispatch.attend_auto(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    monkeypatch.setattr(dispatch.torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert dispatch.resolve_backend("auto") == "sdpa"  # measured on another GPU generation only
 
 
 def test_triton_supports_routes_unsupported_inputs_to_sdpa():

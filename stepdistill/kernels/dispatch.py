@@ -1,8 +1,10 @@
 """Choose the attention backend (config `kernels.attention`) and install it as diffusers processors.
 
-auto: Triton on CUDA, else xformers when installed (CUDA), else PyTorch SDPA. Whatever is chosen,
-each call still checks its inputs and hands shapes or dtypes the kernel does not cover (CPU
-tensors, fp32 on CUDA, head dim > 256, a mask that wants a gradient) to SDPA, so a model with
+auto: PyTorch SDPA, except on the shapes where a recorded GPU measurement showed the Triton kernel
+faster (TRITON_MEASURED_FASTER, filled from benchmarks/RESULTS.md; empty until a GPU run records
+one, so today auto is SDPA everywhere). `triton` and `xformers` stay selectable explicitly. Whatever
+is chosen, each call still checks its inputs and hands shapes or dtypes the kernel does not cover
+(CPU tensors, fp32 on CUDA, head dim > 256, a mask that wants a gradient) to SDPA, so a model with
 mixed attention shapes always runs. The processors keep diffusers' semantics exactly; only the
 attention call differs (see stepdistill.kernels.attention).
 """
@@ -15,15 +17,27 @@ import torch
 from torch import nn
 
 from ..errors import StepdistillError
-from .attention import (HAS_TRITON, MAX_HEAD_DIM, FlashAttnProcessor, FlashJointAttnProcessor, flash_attention,
-                        interpreting, mask_to_bias, sdpa_attend)
+from .attention import (MAX_HEAD_DIM, FlashAttnProcessor, FlashJointAttnProcessor, flash_attention, interpreting,
+                        mask_to_bias, sdpa_attend, triton_problem)
 
 BACKENDS = ("auto", "triton", "xformers", "sdpa")
+
+# (CUDA compute capability, dtype, head dim) where bench_attention.py measured the Triton kernel faster
+# than SDPA's best backend, forward and backward, at the shapes diffusers passes. Add an entry only with
+# the measurement recorded in benchmarks/RESULTS.md (hardware named). None yet: no GPU has run it.
+TRITON_MEASURED_FASTER: frozenset[tuple[tuple[int, int], torch.dtype, int]] = frozenset()
 
 
 def triton_runnable() -> bool:
     """Triton kernels can run here: a CUDA device, or the CPU interpreter (tests)."""
-    return HAS_TRITON and (torch.cuda.is_available() or interpreting())
+    return triton_problem() is None and (torch.cuda.is_available() or interpreting())
+
+
+def measured_faster(q: torch.Tensor) -> bool:
+    """Whether a recorded GPU measurement says the Triton kernel beats SDPA for q's device, dtype and head dim."""
+    if not q.is_cuda or not TRITON_MEASURED_FASTER:
+        return False
+    return (torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1]) in TRITON_MEASURED_FASTER
 
 
 def xformers_available() -> bool:
@@ -32,7 +46,7 @@ def xformers_available() -> bool:
 
 def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether flash_attention covers these inputs (else the caller uses SDPA)."""
-    if not HAS_TRITON or q.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    if triton_problem() or q.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
         return False
     if q.shape[:2] != k.shape[:2] or q.shape[-1] > MAX_HEAD_DIM or not (q.dtype == k.dtype == v.dtype):
         return False
@@ -45,6 +59,13 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def attend_triton(q, k, v, mask=None):
     if triton_supports(q, k, v, mask):
+        return flash_attention(q, k, v, mask)
+    return sdpa_attend(q, k, v, mask)
+
+
+def attend_auto(q, k, v, mask=None):
+    """SDPA unless a measurement recorded the Triton kernel faster on this shape (see TRITON_MEASURED_FASTER)."""
+    if measured_faster(q) and triton_supports(q, k, v, mask):
         return flash_attention(q, k, v, mask)
     return sdpa_attend(q, k, v, mask)
 
@@ -68,7 +89,7 @@ def attend_xformers(q, k, v, mask=None):
     return out.transpose(1, 2)
 
 
-_ATTEND = {"triton": attend_triton, "xformers": attend_xformers, "sdpa": sdpa_attend}
+_ATTEND = {"auto": attend_auto, "triton": attend_triton, "xformers": attend_xformers, "sdpa": sdpa_attend}
 
 
 def resolve_backend(backend: str) -> str:
@@ -76,7 +97,7 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise StepdistillError(f"kernels.attention = {backend!r} is not allowed; choose one of {list(BACKENDS)}")
     if backend == "triton" and not triton_runnable():
-        why = "the triton package is not installed" if not HAS_TRITON else "no CUDA device is visible"
+        why = triton_problem() or "no CUDA device is visible"
         raise StepdistillError(f"kernels.attention = 'triton' cannot run here: {why}. "
                                "Set kernels.attention=auto (or sdpa) to use PyTorch's attention.")
     if backend == "xformers" and not xformers_available():
@@ -84,10 +105,10 @@ def resolve_backend(backend: str) -> str:
                                "Install it (pip install 'stepdistill[xformers]') or set kernels.attention=auto.")
     if backend != "auto":
         return backend
-    if HAS_TRITON and torch.cuda.is_available():
-        return "triton"
-    if xformers_available() and torch.cuda.is_available():
-        return "xformers"
+    if TRITON_MEASURED_FASTER and torch.cuda.is_available() and triton_runnable():
+        capability = torch.cuda.get_device_capability()
+        if any(entry[0] == capability for entry in TRITON_MEASURED_FASTER):
+            return "auto"  # per-shape: Triton where measured faster, SDPA elsewhere
     return "sdpa"
 
 

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from ..errors import StepdistillError
-from .attention import HAS_TRITON, interpreting
+from .attention import HAS_TRITON, interpreting, triton_problem
 
 if HAS_TRITON:
     import triton
@@ -144,8 +144,9 @@ class FusedMultiRateEMA(_FlatEMA):
 
     def __init__(self, live: list[torch.Tensor], shadows: list[list[torch.Tensor]], chunk: int = 8192,
                  block: int = 1024):
-        if not HAS_TRITON:
-            raise ImportError("FusedMultiRateEMA needs triton")
+        problem = triton_problem()
+        if problem:
+            raise StepdistillError(f"kernels.ema = 'fused' cannot run: {problem}; set kernels.ema=auto or foreach")
         bad = [p.device for p in live if not (p.is_cuda or (p.device.type == "cpu" and interpreting()))]
         if bad:
             raise StepdistillError(f"kernels.ema = 'fused' needs the parameters on a CUDA device (found {bad[0]}); "
@@ -199,9 +200,41 @@ class FusedMultiRateEMA(_FlatEMA):
 if HAS_TRITON:
 
     @triton.jit
+    def _lerp_rows(live_ptr, ptr, row1, row2, row3, w0, w1, w2, w3, mask, NUM_RATES: tl.constexpr,
+                   MASKED: tl.constexpr):
+        """Read one block of live values once and lerp up to four shadow rows toward it."""
+        if MASKED:
+            x = tl.load(live_ptr, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(ptr, mask=mask, other=0.0)
+            tl.store(ptr, s + w0 * (x - s), mask=mask)
+            if NUM_RATES > 1:
+                s = tl.load(ptr + row1, mask=mask, other=0.0)
+                tl.store(ptr + row1, s + w1 * (x - s), mask=mask)
+            if NUM_RATES > 2:
+                s = tl.load(ptr + row2, mask=mask, other=0.0)
+                tl.store(ptr + row2, s + w2 * (x - s), mask=mask)
+            if NUM_RATES > 3:
+                s = tl.load(ptr + row3, mask=mask, other=0.0)
+                tl.store(ptr + row3, s + w3 * (x - s), mask=mask)
+        else:
+            x = tl.load(live_ptr).to(tl.float32)
+            s = tl.load(ptr)
+            tl.store(ptr, s + w0 * (x - s))
+            if NUM_RATES > 1:
+                s = tl.load(ptr + row1)
+                tl.store(ptr + row1, s + w1 * (x - s))
+            if NUM_RATES > 2:
+                s = tl.load(ptr + row2)
+                tl.store(ptr + row2, s + w2 * (x - s))
+            if NUM_RATES > 3:
+                s = tl.load(ptr + row3)
+                tl.store(ptr + row3, s + w3 * (x - s))
+
+    @triton.jit
     def _ema_kernel(live_base, live_off_ptr, flat_ptr, flat_off_ptr, len_ptr, row1, row2, row3, w0, w1, w2, w3,
                     NUM_RATES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-        """One chunk of one live tensor: load it once, lerp up to four shadow rows toward it."""
+        """One chunk of one live tensor: full blocks unmasked (vector loads and stores where the offsets
+        are aligned), then at most one masked tail block."""
         c = tl.program_id(0)
         live_off = tl.load(live_off_ptr + c)
         flat_off = tl.load(flat_off_ptr + c)
@@ -209,22 +242,16 @@ if HAS_TRITON:
         if ALIGNED:
             live_off = tl.multiple_of(live_off, 16)
             flat_off = tl.multiple_of(flat_off, 16)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < n
-            x = tl.load(live_base + live_off + offs, mask=m, other=0.0).to(tl.float32)
-            ptr = flat_ptr + flat_off + offs
-            s = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, s + w0 * (x - s), mask=m)
-            if NUM_RATES > 1:
-                s = tl.load(ptr + row1, mask=m, other=0.0)
-                tl.store(ptr + row1, s + w1 * (x - s), mask=m)
-            if NUM_RATES > 2:
-                s = tl.load(ptr + row2, mask=m, other=0.0)
-                tl.store(ptr + row2, s + w2 * (x - s), mask=m)
-            if NUM_RATES > 3:
-                s = tl.load(ptr + row3, mask=m, other=0.0)
-                tl.store(ptr + row3, s + w3 * (x - s), mask=m)
+        offs = tl.arange(0, BLOCK)
+        full = n - n % BLOCK
+        for start in range(0, full, BLOCK):
+            o = start + offs
+            _lerp_rows(live_base + live_off + o, flat_ptr + flat_off + o, row1, row2, row3, w0, w1, w2, w3, None,
+                       NUM_RATES, False)
+        if full < n:
+            o = full + offs
+            _lerp_rows(live_base + live_off + o, flat_ptr + flat_off + o, row1, row2, row3, w0, w1, w2, w3, o < n,
+                       NUM_RATES, True)
 
 
 class BlockedMultiRateEMA(_FlatEMA):

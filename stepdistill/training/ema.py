@@ -47,10 +47,10 @@ class MultiRateEMA:
         'auto' on CPU (faster than foreach, see benchmarks/RESULTS.md); None means foreach."""
         if backend == "foreach" or not self.rates or not self.live:
             return None
-        from ..kernels.ema import HAS_TRITON, BlockedMultiRateEMA, FusedMultiRateEMA
+        from ..kernels.ema import BlockedMultiRateEMA, FusedMultiRateEMA, triton_problem
 
         shadows = [self.shadow_params[n] for n in self.rates]
-        if backend == "fused" or (self.live[0].is_cuda and HAS_TRITON):
+        if backend == "fused" or (self.live[0].is_cuda and triton_problem() is None):
             return FusedMultiRateEMA(self.live, shadows)
         if self.live[0].device.type == "cpu":
             return BlockedMultiRateEMA(self.live, shadows)
