@@ -4,8 +4,9 @@ __version__ = "0.1.0"
 
 from .denoiser import Denoiser  # noqa: E402
 from .errors import ConfigError, StepdistillError  # noqa: E402
+from .flow_conversion import VPAsFlow  # noqa: E402  (loading a saved flow student of a VP teacher needs it imported)
 from .pipelines import ClassConditionalPipeline  # noqa: E402
 from .teacher import Teacher, load_teacher  # noqa: E402
 
-__all__ = ["Denoiser", "ClassConditionalPipeline", "Teacher", "load_teacher", "ConfigError", "StepdistillError",
+__all__ = ["Denoiser", "ClassConditionalPipeline", "VPAsFlow", "Teacher", "load_teacher", "ConfigError", "StepdistillError",
            "__version__"]

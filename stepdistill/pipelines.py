@@ -45,7 +45,7 @@ class ClassConditionalPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin
         cfg = self.unet.config
         shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         x = latents.to(device) if latents is not None else randn_tensor(shape, generator=generator, device=device)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have none (1)
 
         steps = num_inference_steps or self.config.default_steps
         self.scheduler.set_timesteps(steps, device=device)
@@ -59,7 +59,8 @@ class ClassConditionalPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin
             raise ValueError("this pipeline has no null class, so it cannot use classifier-free guidance")
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t)
+            scale = getattr(self.scheduler, "scale_model_input", None)
+            x_in = scale(x, t) if scale is not None else x
             ts = torch.full((n,), float(t), device=device)
             if use_cfg:
                 null = torch.full_like(labels, self.config.null_class)
