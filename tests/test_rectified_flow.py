@@ -226,3 +226,21 @@ def test_slimflow_trains_a_smaller_student_then_distils_it(class_teacher, tmp_pa
     assert stages[-1].finished()
     distilled = load_pipeline(str(tmp_path / "distill" / "student"))
     assert distilled.unet.config.block_out_channels == [4, 8]
+
+
+def test_text_teacher_pairs_carry_their_prompts_and_train_a_converted_student(sd15_teacher, prompt_file, tmp_path):
+    from stepdistill.runner import build
+
+    stage = pairs_stage(sd15_teacher, tmp_path / "pairs", num=3, steps=1, shard_size=2, prompts=str(prompt_file))
+    stage.run()
+    data = PairDataset(tmp_path / "pairs")
+    prompts = [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
+    assert [data[i]["prompt"] for i in range(3)] == [prompts[i % len(prompts)] for i in range(3)]
+    with pytest.raises(StepdistillError, match="prompt file"):
+        pairs_stage(sd15_teacher, tmp_path / "none", num=1, steps=1).run()
+    cfg = tiny_config("digits/reflow.yaml", sd15_teacher, tmp_path / "run", "stages=[]", "data.dataset=pairs",
+                      f"data.path={tmp_path / 'pairs'}")
+    _, d, data = build(cfg)
+    batch = {"noise": torch.stack([data[i]["noise"] for i in range(2)]),
+             "sample": torch.stack([data[i]["sample"] for i in range(2)]), "prompt": [data[i]["prompt"] for i in range(2)]}
+    assert isinstance(d.student, VPAsFlow) and math.isfinite(d.loss(batch, 0, "student")["loss"].item())
