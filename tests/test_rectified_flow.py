@@ -199,6 +199,39 @@ class TestReflow(DistillerSuite):
         assert_pipeline_matches_own_sampler(trainer, pipe, [1, 2, 4])
 
 
+class TestInstaFlow(DistillerSuite):
+    """One-step distillation straight from the (VP) teacher, as `teacher: ${stages.reflow}` would from a reflow."""
+
+    config_file = "digits/instaflow.yaml"
+    overrides = ("stages=[]", "data.dataset=pairs")
+
+    @classmethod
+    def extra_overrides(cls, request):
+        return [f"data.path={request.getfixturevalue('pairs_dir')}"]
+
+
+class TestSlimFlow(DistillerSuite):
+    """Annealing reflow of a student of half the tiny teacher's width, from scratch."""
+
+    config_file = "digits/slimflow.yaml"
+    overrides = ("stages=[]", "data.dataset=pairs", "distill.student.changes={block_out_channels: [4, 8]}",
+                 "distill.anneal_steps=2")
+
+    @classmethod
+    def extra_overrides(cls, request):
+        return [f"data.path={request.getfixturevalue('pairs_dir')}"]
+
+
+def test_text_teacher_configs_build_their_stages(sd15_teacher, sd3_teacher, prompt_file, tmp_path):
+    for config, teacher, names in (("sd15/instaflow.yaml", sd15_teacher, ["pairs", "reflow", "pairs_2rf", "instaflow"]),
+                                   ("sd3/reflow.yaml", sd3_teacher, ["pairs", "reflow"])):
+        cfg = tiny_config(config, teacher, tmp_path / config, f"data.path={prompt_file}")
+        stages = build_stages(cfg)
+        assert [s.name for s in stages] == names
+        assert stages[0].prompts and stages[0].teacher_source == str(teacher)
+        assert stages[1].config.data.path == str(tmp_path / config / "pairs")
+
+
 def test_instaflow_config_chains_pairs_reflow_and_one_step_distillation(class_teacher, tmp_path):
     cfg = tiny_config("digits/instaflow.yaml", class_teacher, tmp_path, "train.max_steps=1")
     cfg.stages[0].options = dict(FAST_PAIRS, num=8)
