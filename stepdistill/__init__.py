@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .denoiser import Denoiser  # noqa: E402
 from .errors import ConfigError, StepdistillError  # noqa: E402
-from .flow_conversion import VPAsFlow  # noqa: E402  (loading a saved flow student of a VP teacher needs it imported)
+from .flow_conversion import VPAsFlow, VPPipelineFlowMatchScheduler  # noqa: E402  (loading a saved flow student of a VP teacher needs it imported)
 from .pipelines import ClassConditionalPipeline  # noqa: E402
 from .teacher import Teacher, load_teacher  # noqa: E402
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import diffusers
 import torch
-from diffusers import ConfigMixin, ModelMixin  # noqa: F401  (diffusers finds the loader through ModelMixin here)
+from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin, SchedulerMixin  # noqa: F401
+# (diffusers finds how to load a component of a module through the ModelMixin / SchedulerMixin names in it)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
@@ -74,6 +75,16 @@ class VPAsFlow(ModelMixin, ConfigMixin):
         tb = _bcast(t.float(), x)
         velocity = torch.where(tb > 0.5, (x - x0) / tb.clamp(min=0.5), eps - x0).to(sample.dtype)
         return UNet2DOutput(sample=velocity) if return_dict else (velocity,)
+
+
+class VPPipelineFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEulerDiscreteScheduler for pipelines written for VP schedulers (StableDiffusionPipeline), which read
+    `init_noise_sigma` and call `scale_model_input`: 1 and the identity, as flow matching needs."""
+
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
 
 
 def base_network(model: torch.nn.Module) -> torch.nn.Module:

@@ -277,3 +277,18 @@ def test_text_teacher_pairs_carry_their_prompts_and_train_a_converted_student(sd
     batch = {"noise": torch.stack([data[i]["noise"] for i in range(2)]),
              "sample": torch.stack([data[i]["sample"] for i in range(2)]), "prompt": [data[i]["prompt"] for i in range(2)]}
     assert isinstance(d.student, VPAsFlow) and math.isfinite(d.loss(batch, 0, "student")["loss"].item())
+
+
+def test_a_converted_sd15_student_exports_a_pipeline_that_loads_and_samples(sd15_teacher, prompt_file, tmp_path):
+    from stepdistill.export import export_student
+    from stepdistill.runner import build
+
+    pairs_stage(sd15_teacher, tmp_path / "pairs", num=2, steps=1, prompts=str(prompt_file)).run()
+    cfg = tiny_config("digits/instaflow.yaml", sd15_teacher, tmp_path / "run", "stages=[]", "data.dataset=pairs",
+                      f"data.path={tmp_path / 'pairs'}")
+    _, d, _ = build(cfg)
+    export_student(d, tmp_path / "student", 1)
+    pipe = load_pipeline(str(tmp_path / "student"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and isinstance(pipe.unet, VPAsFlow)
+    images = pipe(prompt=["a red cat"], num_inference_steps=2, output_type="np", guidance_scale=1.0).images
+    assert images.shape[0] == 1 and (images >= 0).all() and (images <= 1).all()

@@ -28,7 +28,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..config import check_range, option
 from ..errors import ConfigError, StepdistillError
-from ..flow_conversion import VPAsFlow, base_network
+from ..flow_conversion import VPAsFlow, VPPipelineFlowMatchScheduler, base_network
+from ..pipelines import ClassConditionalPipeline
 from ..losses import Distance
 from ..samplers import sample_ode
 from ..schedules import FlowSchedule, _bcast, sample_logit_normal, sample_u_shaped
@@ -149,8 +150,10 @@ class FlowPairsDistiller(Distiller):
         cfg = self.teacher_info.pipeline.scheduler.config
         if self.flow_teacher is self.teacher:  # a flow-matching teacher: its own scheduler settings (shift)
             return FlowMatchEulerDiscreteScheduler.from_config(cfg)
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.flow_teacher.schedule.num_train_timesteps,
-                                               shift=1.0)
+        # a VP teacher's pipeline class (StableDiffusionPipeline) reads init_noise_sigma and scale_model_input
+        cls = (FlowMatchEulerDiscreteScheduler if isinstance(self.teacher_info.pipeline, ClassConditionalPipeline)
+               else VPPipelineFlowMatchScheduler)
+        return cls(num_train_timesteps=self.flow_teacher.schedule.num_train_timesteps, shift=1.0)
 
     def model_card(self):
         return {"prediction_type": "flow", "converted_from_vp": self.flow_teacher is not self.teacher,
