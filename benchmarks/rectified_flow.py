@@ -1,6 +1,7 @@
 """Straightness before and after reflow, and one-/two-step FID on uniform flow grids, from a quickstart's output.
 
-    python benchmarks/rectified_flow.py runs/qs            # after `stepdistill quickstart --method reflow|instaflow`
+    python benchmarks/rectified_flow.py OUT "reflow student=runs/qs/reflow/reflow/student" \
+        "instaflow student=runs/qs-insta/instaflow/student"      # student pipeline folders; results in OUT
 
 Straightness (Liu et al. 2022, Eq. 4, per dimension): for z ~ N(0, I), the model's flow ODE solved from t = 1 to 0
 with K uniform Euler steps lands on x; then
@@ -30,7 +31,7 @@ from stepdistill.teacher import load_teacher
 
 
 @torch.no_grad()
-def straightness(den, cond_of, n: int = 200, k: int = 32, seed: int = 0) -> tuple[float, float]:
+def straightness(den, cond_of, n: int, k: int, seed: int = 0) -> tuple[float, float]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, 1, 16, 16), generator=g)
     cond = cond_of(torch.arange(n) % 10)
@@ -54,27 +55,31 @@ def uniform_fid(den, encode, fid, steps: int, num: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("quickstart_dir")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("out", help="folder for rectified_flow_benchmark.json")
+    p.add_argument("models", nargs="*", help="NAME=PIPELINE_FOLDER of flow students")
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per FID")
+    p.add_argument("--paths", type=int, default=200, help="trajectories for the straightness")
+    p.add_argument("--euler-steps", type=int, default=32, help="Euler steps K of each trajectory")
+    p.add_argument("--fid-steps", type=int, nargs="*", default=[1, 2, 4])
     args = p.parse_args()
-    root = Path(args.quickstart_dir)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(str(DIGITS_TEACHER))
 
     def encode(labels):
         return teacher.conditioner.encode({"class_labels": labels}, "cpu")
 
     models = {"teacher in flow time (before reflow)": as_flow_teacher(teacher)}
-    for name, folder in (("reflow student", root / "reflow" / "reflow" / "student"),
-                         ("instaflow student", root / "instaflow" / "instaflow" / "student")):
-        if folder.is_dir():
-            models[name] = load_teacher(str(folder)).denoiser
+    for spec in args.models:
+        name, folder = spec.split("=", 1)
+        models[name] = load_teacher(folder).denoiser
     fid = DigitsFID()
     rows = []
     for name, den in models.items():
         start = time.perf_counter()
-        s, rel = straightness(den, encode)
+        s, rel = straightness(den, encode, args.paths, args.euler_steps)
         row = {"model": name, "straightness": s, "relative_straightness": rel}
-        for steps in (1, 2, 4):
+        for steps in args.fid_steps:
             row[f"fid_uniform_{steps}"] = uniform_fid(den, encode, fid, steps, args.num_samples)
         row["seconds"] = time.perf_counter() - start
         print(json.dumps(row), flush=True)
