@@ -61,6 +61,7 @@ def main():
     p.add_argument("--paths", type=int, default=200, help="trajectories for the straightness")
     p.add_argument("--euler-steps", type=int, default=32, help="Euler steps K of each trajectory")
     p.add_argument("--fid-steps", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument("--skip-teacher", action="store_true", help="measure only the students given")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def main():
     def encode(labels):
         return teacher.conditioner.encode({"class_labels": labels}, "cpu")
 
-    models = {"teacher in flow time (before reflow)": as_flow_teacher(teacher)}
+    models = {} if args.skip_teacher else {"teacher in flow time (before reflow)": as_flow_teacher(teacher)}
     for spec in args.models:
         name, folder = spec.split("=", 1)
         models[name] = load_teacher(folder).denoiser
