@@ -68,6 +68,20 @@ def cmd_export(args):
     print(f"student written to {out}")
 
 
+def cmd_reflow_pairs(args):
+    from .reflow_pairs import ReflowPairs, options_from
+
+    opts = options_from({"num": args.num, "steps": args.steps, "solver": args.solver,
+                         "guidance_scale": args.guidance_scale, "seed": args.seed, "shard_size": args.shard_size,
+                         "batch_size": args.batch_size, "prompts": args.prompts}, "reflow-pairs")
+    stage = ReflowPairs("reflow-pairs", args.out, args.teacher, opts)
+    if stage.finished():
+        print(f"{args.out} already holds these {args.num} pairs")
+        return
+    stage.run()
+    print(f"pairs written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepdistill", description="Distil diffusion and flow models into few-step students.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", default=None, help="'student' or 'ema_<decay>' (default: the run's export_weights)")
     e.add_argument("--out", default=None, help="destination (default: <run_dir>/student)")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("reflow-pairs", help="write (noise, teacher ODE sample) pairs for reflow, resumably",
+                       description="Solve the teacher's probability-flow ODE from fresh noise and write the pairs as "
+                                   "sharded safetensors with a manifest (see the README's reflow pair format). "
+                                   "Rerunning the same command resumes; under `accelerate launch` each process "
+                                   "writes its share of the shards.")
+    r.add_argument("teacher", help="teacher pipeline directory or hub id")
+    r.add_argument("--num", type=int, required=True, help="number of pairs")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--steps", type=int, default=50, help="ODE steps (default 50)")
+    r.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"], help="ODE solver (ddim = euler)")
+    r.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--shard-size", type=int, default=1000, help="pairs per shard")
+    r.add_argument("--batch-size", type=int, default=250, help="pairs solved together")
+    r.add_argument("--prompts", default=None, help="text teachers: prompt file, one a line")
+    r.set_defaults(func=cmd_reflow_pairs)
 
     try:
         from .eval import cli as eval_cli

@@ -39,10 +39,11 @@ def check_range(name: str, value, low=None, high=None, low_open=False):
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "folder", "prompts", "none"] = option(
+    dataset: Literal["digits", "folder", "prompts", "pairs", "none"] = option(
         "digits", "digits: the embedded scikit-learn digits; folder: images with captions; "
-        "prompts: a text file of prompts (data-free); none: conditions only, no images")
-    path: str | None = option(None, "folder or prompt file for dataset=folder|prompts")
+        "prompts: a text file of prompts (data-free); pairs: a folder of reflow noise-sample pairs "
+        "(stepdistill reflow-pairs); none: conditions only, no images")
+    path: str | None = option(None, "folder or prompt file for dataset=folder|prompts|pairs")
     resolution: int | None = option(None, "image size for dataset=folder (defaults to the teacher's sample size)")
     num_workers: int = option(0, "DataLoader worker processes")
     cache_text_embeddings: bool = option(True, "encode each prompt once and keep the embeddings in memory")
@@ -51,7 +52,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_range("data.num_workers", self.num_workers, 0)
-        if self.dataset in ("folder", "prompts") and not self.path:
+        if self.dataset in ("folder", "prompts", "pairs") and not self.path:
             raise ConfigError(f"data.dataset = {self.dataset!r} needs data.path (a folder or a prompt file)")
 
 

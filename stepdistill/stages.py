@@ -86,7 +86,10 @@ class GenerationStage(Stage):
     """`num_items` items written as shards of `shard_size`, each a pure function of (seed, shard index).
 
     Subclasses define `make_shard(index, start, count, generator) -> dict of tensors` (first dimension
-    `count`). `settings` identify what is generated; a folder holding shards of other settings is refused."""
+    `count`) and may add string metadata per shard (`shard_metadata`). `settings` identify what is generated; a
+    folder holding shards of other settings is refused."""
+
+    unit = "items"  # what an item is called in the throughput line
 
     def __init__(self, name: str, output_dir: str | Path, num_items: int, shard_size: int, seed: int = 0,
                  settings: dict | None = None):
@@ -112,6 +115,10 @@ class GenerationStage(Stage):
 
     def make_shard(self, index: int, start: int, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def shard_metadata(self, index: int, start: int, count: int) -> dict[str, str]:
+        """Extra safetensors metadata of shard `index` (reflow pairs' prompts); default none."""
+        return {}
 
     def manifest(self) -> dict | None:
         path = self.output_dir / MANIFEST
@@ -149,14 +156,15 @@ class GenerationStage(Stage):
             count = min(self.shard_size, self.num_items - start)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
             tensors = self.make_shard(i, start, count, g)
-            write_shard(self.shard_path(i), tensors, {"index": str(i), "start": str(start), "count": str(count)})
+            meta = {**self.shard_metadata(i, start, count), "index": str(i), "start": str(start), "count": str(count)}
+            write_shard(self.shard_path(i), tensors, meta)
             done += count
             bar.update(1)
         bar.close()
         if todo:
             rate = done / max(time.perf_counter() - start_time, 1e-9)
-            print(f"{self.name}: {done} items in {len(todo)} shards on process {state.process_index} "
-                  f"({rate:.1f} items/s)", flush=True)
+            print(f"{self.name}: {done} {self.unit} in {len(todo)} shards on process {state.process_index} "
+                  f"({rate:.1f} {self.unit}/s)", flush=True)
         state.wait_for_everyone()
         if state.is_main_process:
             self._write_manifest(complete=True)

@@ -11,7 +11,7 @@ import importlib
 from ..errors import ConfigError
 from .base import REGISTRY, Distiller, DistillerConfig, register
 
-METHOD_MODULES = ["diffusion", "consistency", "progressive"]
+METHOD_MODULES = ["diffusion", "consistency", "progressive", "rectified_flow"]
 
 
 def _import_all() -> None:

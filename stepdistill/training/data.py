@@ -186,6 +186,13 @@ def build_dataset(data_config, teacher) -> Dataset:
         return ImageCaptionFolder(data_config.path, res)
     if kind == "prompts":
         return PromptList(data_config.path)
+    if kind == "pairs":
+        from .pairs import PairDataset
+
+        pairs = PairDataset(data_config.path)
+        if teacher is not None:
+            pairs.check_teacher(teacher)
+        return pairs
     if teacher is not None and teacher.conditioner.kind == "text":
         raise StepdistillError("data.dataset = none gives no prompts to a text-to-image teacher; use "
                                "data.dataset = prompts with data.path = a file of prompts")
