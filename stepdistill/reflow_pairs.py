@@ -106,7 +106,7 @@ class ReflowPairs(GenerationStage):
 
     def solve(self, noise: torch.Tensor, raw: dict) -> torch.Tensor:
         """The teacher's ODE from `noise` at its top time to the clean end (model space)."""
-        from .distillers.progressive import data_clip
+        from .export import data_clip
         from .samplers import sample_ode
 
         t = self.teacher

@@ -31,7 +31,9 @@ SAMPLER_SETTINGS = frozenset({
     "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "sigma_min", "sigma_max", "final_sigmas_type",
     "timestep_type", "solver_order", "solver_type", "algorithm_type", "lower_order_final", "euler_at_final",
     "lambda_min_clipped", "use_lu_lambdas", "predict_x0", "solver_p", "disable_corrector", "original_inference_steps",
-    "timestep_scaling", "prediction_type"})  # prediction_type is the Denoiser's parameterization, read there
+    "timestep_scaling", "prediction_type",
+    "gamma"})  # prediction_type is the Denoiser's parameterization, read there; gamma is TCD's stochastic step
+# (stepdistill.pipelines.FlowGridScheduler), which re-noises between steps but leaves the noise levels as they are
 VP_SETTINGS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                          "rescale_betas_zero_snr", "set_alpha_to_one"})
 VP_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")

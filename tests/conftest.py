@@ -54,6 +54,7 @@ def flow_class_teacher(tmp_path_factory):
     return save_flow_class_teacher(tmp_path_factory.mktemp("teachers") / "flow-class")
 
 
+@pytest.fixture(scope="session")
 def class_flow_teacher(tmp_path_factory):
     """A saved tiny class-conditional flow-matching teacher (the flow digits teacher's kind at toy size)."""
     from tiny_models import save_class_flow_teacher

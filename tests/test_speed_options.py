@@ -40,7 +40,7 @@ class _Stop(Exception):
     pass
 
 
-def _stop(source):
+def _stop(source, **kwargs):
     raise _Stop
 
 
