@@ -49,9 +49,9 @@ def class_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def flow_class_teacher(tmp_path_factory):
     """The tiny class-conditional teacher as a flow-matching model (shift 3)."""
-    from tiny_models import save_flow_class_teacher
+    from tiny_models import save_class_flow_teacher
 
-    return save_flow_class_teacher(tmp_path_factory.mktemp("teachers") / "flow-class")
+    return save_class_flow_teacher(tmp_path_factory.mktemp("teachers") / "flow-class", shift=3.0)
 
 
 @pytest.fixture(scope="session")

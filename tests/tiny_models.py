@@ -82,14 +82,6 @@ def flow_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def save_flow_class_teacher(path: Path, size: int = 8) -> Path:
-    """The tiny class-conditional teacher as a flow-matching model (velocity, FlowMatchEuler at shift 3)."""
-    pipe = ClassConditionalPipeline(unet=tiny_class_unet(size), scheduler=flow_scheduler(3.0), null_class=10,
-                                    num_classes=10)
-    pipe.save_pretrained(path)
-    return path
-
-
 # ----------------------------------------------------------------------------- text-to-image pipelines
 # Tiny SD1.5 / SDXL / SD3 pipelines: a CLIP tokenizer from a vocab.json + merges.txt written here,
 # CLIP text encoders from small configs, a small UNet / SD3 transformer and AutoencoderKL. Saved with
